@@ -1,0 +1,311 @@
+"""The HTTP surface: OpenAI-compatible routes. It validates, routes and formats; it never
+runs a model. Every error leaves as the OpenAI error envelope."""
+
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.openai_types import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Finish,
+    TextJob,
+    error_body,
+    model_not_found,
+    validation_error_to_api_error,
+)
+from deployments.registry import CHAT, COMPLETIONS, MODEL_KINDS
+from policies.config import INGRESS_NAME, AppConfig, ModelEntry
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="mlx-fleet", description="Many MLX models behind one OpenAI-compatible API.")
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def find_api_error(error: BaseException) -> ApiError | None:
+    """The ApiError behind an exception, also when Ray wrapped it on its way from a replica."""
+    while error is not None:
+        if isinstance(error, ApiError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@app.exception_handler(Exception)
+async def _any_error(request: Request, error: Exception) -> JSONResponse:
+    api_error = find_api_error(error)
+    if api_error is not None:
+        return error_response(api_error)
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        error_body(f"Internal server error: {type(error).__name__}", "server_error"),
+        status_code=500,
+    )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    return JSONResponse(error_body(message, kind), status_code=error.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    path = ".".join(str(part) for part in first["loc"])
+    return JSONResponse(
+        error_body(f"{path}: {first['msg']}", "invalid_request_error", path), status_code=400
+    )
+
+
+class Reply:
+    """OpenAI response objects for one request, chat or legacy completion shaped."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model = model
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def full(self, text: str, finish: Finish) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish.finish_reason, "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._object(kind, [choice], usage=finish.usage())
+
+    def chunk(
+        self, text: str | None, finish_reason: str | None, with_usage: bool, role: bool = False
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        extra = {"usage": None} if with_usage else {}
+        return self._object(kind, [choice], **extra)
+
+    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [], usage=finish.usage())
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self,
+        config: AppConfig,
+        catalog: list[ModelEntry],
+        controller: DeploymentHandle,
+        models: dict[str, DeploymentHandle],
+    ):
+        self.config = config
+        self.catalog = {entry.id: entry for entry in catalog}
+        self.controller = controller
+        self.models = models
+        self.started = int(time.time())
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        statuses = await self.controller.statuses.remote()
+        return {
+            "object": "list",
+            "data": [self._model_card(entry, statuses[entry.id]) for entry in self.catalog.values()],
+        }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        entry = self._entry(model_id)
+        statuses = await self.controller.statuses.remote()
+        return self._model_card(entry, statuses[entry.id])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await self._parse(request, ChatCompletionRequest)
+        entry = self._entry(body.model, CHAT)
+        if not MODEL_KINDS[entry.type].accepts_images and any(
+            message.has_images() for message in body.messages
+        ):
+            raise ApiError(400, f"Model {entry.id} does not support vision", param="messages")
+        messages = [
+            # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        job = TextJob(sampling=body.sampling(), messages=messages)
+        return await self._generate(entry, job, Reply(entry.id, chat=True), body)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._parse(request, CompletionRequest)
+        entry = self._entry(body.model, COMPLETIONS)
+        job = TextJob(sampling=body.sampling(), prompt=body.prompt_text)
+        return await self._generate(entry, job, Reply(entry.id, chat=False), body)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _model_card(self, entry: ModelEntry, state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": entry.id,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "mlx-fleet",
+            "type": entry.type,
+            "family": entry.family,
+            "status": state["status"],
+            "pinned": entry.pinned,
+        }
+
+    def _entry(self, model_id: str, endpoint: str | None = None) -> ModelEntry:
+        entry = self.catalog.get(model_id)
+        if entry is None:
+            raise model_not_found(model_id)
+        if endpoint and endpoint not in MODEL_KINDS[entry.type].endpoints:
+            raise ApiError(
+                400,
+                f"Model {entry.id} is a {entry.type} model and does not serve /v1/{endpoint}",
+                param="model",
+            )
+        return entry
+
+    async def _parse(self, request: Request, schema: type[Body]) -> Body:
+        content_type = request.headers.get("content-type", "application/json")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise ApiError(
+                400,
+                f"Content-Type must be application/json, got {content_type!r} "
+                "(with curl, add -H 'Content-Type: application/json')",
+            )
+        raw = await self._read_body(request)
+        try:
+            data = json.loads(raw)
+        except ValueError as error:
+            raise ApiError(400, f"The request body is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "The request body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as error:
+            raise validation_error_to_api_error(error) from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_request_bytes
+        too_large = ApiError(
+            413,
+            f"The request body is larger than the server's limit of {limit} bytes "
+            "(max_request_size in the config)",
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _generate(self, entry: ModelEntry, job: TextJob, reply: Reply, body) -> Any:
+        await self.controller.acquire.remote(entry.id)
+        handle = self.models[entry.id]
+        if not body.stream:
+            try:
+                text, finish = await handle.generate.remote(job)
+            finally:
+                await self._release(entry.id)
+            return reply.full(text, finish)
+        events = handle.options(stream=True).stream.remote(job)
+        try:
+            # Errors before the first token (bad template, context too long) still get a
+            # proper status code instead of a 200 stream carrying an error.
+            first = await events.__anext__()
+        except BaseException:
+            events.cancel()
+            await self._release(entry.id)
+            raise
+        return StreamingResponse(
+            self._sse(entry.id, first, events, reply, body.include_usage),
+            media_type="text/event-stream",
+        )
+
+    async def _sse(
+        self, model_id: str, first: Any, events: AsyncIterator, reply: Reply, with_usage: bool
+    ) -> AsyncIterator[str]:
+        try:
+            if reply.chat:
+                yield sse(reply.chunk("", None, with_usage, role=True))
+            event = first
+            while True:
+                if isinstance(event, Finish):
+                    yield sse(reply.chunk(None, event.finish_reason, with_usage))
+                    if with_usage:
+                        yield sse(reply.usage_chunk(event))
+                    break
+                yield sse(reply.chunk(event, None, with_usage))
+                event = await events.__anext__()
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
+        except Exception as error:
+            api_error = find_api_error(error)
+            if api_error is None:
+                logger.exception("stream from model %s failed", model_id)
+                api_error = ApiError(500, f"Generation failed: {type(error).__name__}", "server_error")
+            yield sse(api_error.body())
+        finally:
+            await self._release(model_id)
+
+    async def _release(self, model_id: str) -> None:
+        # Shielded: a client that disconnects must not leave the model counted as busy.
+        await asyncio.shield(self.controller.release.remote(model_id))

@@ -1,0 +1,123 @@
+"""Text generation with mlx-lm: chat templates, sampling, stop sequences, streaming."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+from ray import serve
+
+from deployments.model_server import ModelServer
+from deployments.openai_types import ApiError, Finish, TextJob
+from policies.config import AppConfig, ModelEntry
+from policies.stop_strings import StopMatcher
+
+Event = str | Finish  # a piece of text, then one Finish
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class TextModel(ModelServer):
+    def __init__(self, entry: ModelEntry, config: AppConfig):
+        super().__init__(entry)
+        self.default_max_tokens = config.default_max_tokens
+        self.model = None
+        self.tokenizer = None
+        self.context_length: int | None = None
+
+    async def generate(self, job: TextJob) -> tuple[str, Finish]:
+        pieces: list[str] = []
+        async for event in self.stream(job):
+            if isinstance(event, Finish):
+                return "".join(pieces), event
+            pieces.append(event)
+        raise RuntimeError("generation ended without a finish event")
+
+    async def stream(self, job: TextJob) -> AsyncIterator[Event]:
+        self.require_loaded()
+        async for event in self.iterate_mlx(lambda: self._events(job)):
+            yield event
+
+    # -- MLX thread -----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        from mlx_lm import load
+
+        self.model, self.tokenizer, model_config = load(self.entry.path, return_config=True)
+        self.context_length = model_config.get("max_position_embeddings")
+
+    def _release_weights(self) -> None:
+        self.model = self.tokenizer = None
+
+    def _events(self, job: TextJob) -> Iterator[Event]:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        prompt = self._prompt_tokens(job)
+        sampling = job.sampling
+        max_tokens = self._max_tokens(sampling.max_tokens, len(prompt))
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed)
+        sampler = make_sampler(
+            temp=1.0 if sampling.temperature is None else sampling.temperature,
+            top_p=1.0 if sampling.top_p is None else sampling.top_p,
+        )
+        stops = StopMatcher(sampling.stop)
+        tokens = 0
+        for response in stream_generate(
+            self.model, self.tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler
+        ):
+            # Every response carries one generated token; the end-of-sequence token is not
+            # part of the completion, so it is not counted.
+            ended_by_eos = response.finish_reason == "stop"
+            tokens += 0 if ended_by_eos else 1
+            text = stops.feed(response.text)
+            if text:
+                yield text
+            if stops.stopped:
+                yield Finish("stop", len(prompt), tokens)
+                return
+            if response.finish_reason:
+                tail = stops.flush()
+                if tail:
+                    yield tail
+                yield Finish(response.finish_reason, len(prompt), tokens)
+                return
+
+    def _prompt_tokens(self, job: TextJob) -> list[int]:
+        tokenizer = self.tokenizer
+        if job.prompt is not None:
+            return tokenizer.encode(job.prompt)
+        if not tokenizer.has_chat_template:
+            raise ApiError(400, f"Model {self.entry.id} has no chat template; use /v1/completions")
+        try:
+            rendered = tokenizer.apply_chat_template(
+                job.messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as error:  # the template's own raise_exception(), e.g. role order
+            raise ApiError(
+                400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"
+            ) from None
+        # The template writes BOS itself; encoding must not add a second one.
+        return tokenizer.encode(rendered, add_special_tokens=False)
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        if room is not None and room < 1:
+            raise ApiError(
+                400,
+                f"The prompt has {prompt_tokens} tokens; model {self.entry.id} has a "
+                f"context of {self.context_length} tokens. Shorten the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return self.default_max_tokens if room is None else min(self.default_max_tokens, room)
+        if room is not None and requested > room:
+            raise ApiError(
+                400,
+                f"max_tokens={requested} plus the prompt's {prompt_tokens} tokens exceeds "
+                f"model {self.entry.id}'s context of {self.context_length} tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested

@@ -1,0 +1,100 @@
+"""The application builder: serve_config.yaml `args` -> one Serve application.
+
+    applications:
+      - import_path: graph:build_app
+        external_scaler_enabled: true
+        args: {models: [...], memory_limit: "75%"}
+
+Config is validated once here; every deployment receives the validated, resolved catalog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from deployments.controller import Controller
+from deployments.ingress import Ingress
+from deployments.registry import MODEL_KINDS
+from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name
+from policies.detection import detect
+
+
+class ConfigError(ValueError):
+    """The application's args are invalid; the message says which key and why."""
+
+
+def load_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as error:
+        raise ConfigError(f"invalid mlx-fleet config (application args):\n{error}") from None
+
+
+def resolve_path(spec: ModelSpec, allow_download: bool) -> str:
+    """A local directory for the model: the path itself, or its snapshot in the hub cache."""
+    local = Path(spec.path).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    if local.is_absolute() or spec.path.startswith((".", "~")) or spec.path.count("/") != 1:
+        raise ConfigError(
+            f"model {spec.id!r}: path {spec.path!r} is not a directory. Give a model directory "
+            "or a hub repo id such as 'mlx-community/Qwen2.5-0.5B-Instruct-4bit'"
+            + (" (run `make models` to build the demo models)" if "models/" in spec.path else "")
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(spec.path, local_files_only=True)
+    except LocalEntryNotFoundError:
+        if allow_download:
+            # The replica downloads it when the model is first loaded.
+            return spec.path
+        raise ConfigError(
+            f"model {spec.id!r}: {spec.path!r} is not in the local hub cache. Download it "
+            f"first (`hf download {spec.path}`) or set `allow_download: true`"
+        ) from None
+
+
+def build_catalog(config: AppConfig) -> list[ModelEntry]:
+    catalog = []
+    for spec in config.models:
+        path = resolve_path(spec, config.allow_download)
+        found = detect(path if Path(path).is_dir() else spec.path)
+        model_type = spec.type or found.type
+        if model_type not in MODEL_KINDS:
+            raise ConfigError(
+                f"model {spec.id!r} is a {model_type} model, which this server cannot serve yet "
+                f"(it serves: {', '.join(MODEL_KINDS)})"
+            )
+        catalog.append(
+            ModelEntry(
+                id=spec.id,
+                deployment=deployment_name(spec.id),
+                path=path,
+                type=model_type,
+                family=spec.family or found.family,
+                pinned=spec.pinned,
+                memory_bytes=spec.memory_bytes,
+                architecture=found.architecture,
+                reason="set in config" if spec.type and spec.family else found.reason,
+            )
+        )
+    return catalog
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = load_config(args)
+    catalog = build_catalog(config)
+    models = {
+        entry.id: MODEL_KINDS[entry.type]
+        .deployment.options(name=entry.deployment, max_ongoing_requests=config.max_ongoing_requests)
+        .bind(entry, config)
+        for entry in catalog
+    }
+    controller = Controller.bind(catalog, models)
+    return Ingress.bind(config, catalog, controller, models)

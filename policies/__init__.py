@@ -1,0 +1,1 @@
+"""Pure decisions: no Ray, no I/O beyond reading a model's files. Fast to unit-test."""

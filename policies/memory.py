@@ -1,0 +1,63 @@
+"""Memory sizes and limits: parse what operators write, estimate what models cost."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as "2GB", "24 GiB", "512MB" or a plain integer of bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"expected a size such as '2GB' or '512 MiB', got {text!r}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"a size must be positive, got {text}")
+        return text
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise ValueError(
+            f"expected a size such as '2GB', '24 GiB' or '512MB' "
+            f"(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {text!r}"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return size
+
+
+def parse_limit(text: str | int, total_bytes: int) -> int:
+    """Bytes in a memory limit: a percentage of `total_bytes` ("75%") or an absolute size."""
+    match = _PERCENT.match(str(text))
+    if match:
+        percent = float(match.group(1))
+        if not 0 < percent <= 100:
+            raise ValueError(f"memory_limit in percent must be in (0, 100], got {text!r}")
+        return int(total_bytes * percent / 100)
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(
+            f"memory_limit must be a percentage of physical memory such as '75%' "
+            f"or a size such as '24GB' / '24 GiB' / '512MB', got {text!r}"
+        ) from None
+
+
+def format_gb(size: int) -> str:
+    """Bytes as "4.2 GB", the form every memory error message uses."""
+    return f"{size / 1e9:.1f} GB"

@@ -1,0 +1,95 @@
+"""One Ray cluster and one mlx-fleet application for the whole test session.
+
+Integration tests start the app from the same `args` as serve_config.yaml, on free ports,
+and shut everything down at the end (never `ray stop`: it would kill other clusters).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "mlx-fleet"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_app_args() -> dict:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    """The offline demo catalog, fabricated once (idempotent, a few seconds)."""
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_models.py")], check=True, cwd=ROOT)
+    return ROOT / "models"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        log_to_driver=False,
+    )
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def run_app(args: dict, port: int, name: str = APP_NAME) -> str:
+    """Deploy the application from `args` and return its base URL."""
+    from ray import serve
+
+    from graph import build_app
+
+    os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
+    serve.run(build_app(args), name=name, route_prefix="/", external_scaler_enabled=True)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def base_url(demo_models, serve_port) -> str:
+    return run_app(default_app_args(), serve_port)
+
+
+@pytest.fixture(scope="session")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,0 +1,99 @@
+"""AppConfig validation and catalog building (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graph import ConfigError, build_catalog, load_config
+from policies.config import deployment_name
+
+
+def config(**overrides):
+    args = {"models": [{"id": "a", "path": "models/tiny-llama"}], **overrides}
+    return load_config(args)
+
+
+def test_defaults_are_sane():
+    cfg = config()
+    assert cfg.memory_limit == "75%"
+    assert cfg.image_max_side == 2048
+    assert cfg.admin_api_key is None
+    assert cfg.models[0].pinned is False
+    assert cfg.models[0].memory_bytes is None
+    assert cfg.max_request_bytes == 32_000_000
+
+
+def test_full_model_spec():
+    cfg = config(
+        models=[
+            {"id": "org/m", "path": "x", "pinned": True, "memory": "2GB", "type": "text-generation", "family": "qwen"}
+        ],
+        memory_limit="24 GiB",
+        admin_api_key="secret",
+    )
+    spec = cfg.models[0]
+    assert (spec.pinned, spec.memory_bytes, spec.type, spec.family) == (True, 2_000_000_000, "text-generation", "qwen")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"models": []}, "at least 1"),
+        ({"models": [{"id": "a", "path": "p", "colour": "red"}]}, "colour"),
+        ({"modles": []}, "modles"),
+        ({"models": [{"id": "a", "path": "p"}], "memory_limit": "lots"}, "memory_limit"),
+        ({"models": [{"id": "a", "path": "p"}], "memory_limit": "150%"}, "(0, 100]"),
+        ({"models": [{"id": "a", "path": "p", "memory": "2 parsecs"}]}, "2 parsecs"),
+        ({"models": [{"id": "a", "path": "p", "type": "audio-magic"}]}, "type must be one of"),
+        ({"models": [{"id": "a", "path": "p"}, {"id": "a", "path": "q"}]}, "collide"),
+        ({"models": [{"id": "org/x", "path": "p"}, {"id": "org--x", "path": "q"}]}, "collide"),
+        ({"models": [{"id": "fleet-ingress", "path": "p"}]}, "reserved"),
+        ({"models": [{"id": " a", "path": "p"}]}, "surrounding spaces"),
+        ({"models": [{"id": "a", "path": "p"}], "image_max_side": 0}, "image_max_side"),
+    ],
+)
+def test_bad_configs_are_rejected_with_a_clear_message(args, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(args)
+    assert words in str(error.value)
+    assert "invalid mlx-fleet config" in str(error.value)
+
+
+def test_deployment_names_are_url_safe():
+    assert deployment_name("mlx-community/Qwen2.5-0.5B-Instruct-4bit") == "mlx-community--Qwen2.5-0.5B-Instruct-4bit"
+    assert deployment_name("my model:v1") == "my-model-v1"
+
+
+def write_model(directory, config_json):
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config_json))
+    return str(directory)
+
+
+def test_catalog_resolves_local_dirs_and_detects_family(tmp_path):
+    path = write_model(tmp_path / "m", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    (entry,) = build_catalog(config(models=[{"id": "q", "path": path, "memory": "1GB"}]))
+    assert entry.path == path
+    assert (entry.type, entry.family, entry.architecture) == ("text-generation", "qwen", "Qwen2ForCausalLM")
+    assert entry.memory_bytes == 1_000_000_000
+    assert entry.deployment == "q"
+
+
+def test_config_overrides_detection(tmp_path):
+    path = write_model(tmp_path / "m", {"model_type": "qwen2"})
+    (entry,) = build_catalog(config(models=[{"id": "q", "path": path, "family": "gemma"}]))
+    assert entry.family == "gemma"
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="is not a directory"):
+        build_catalog(config(models=[{"id": "q", "path": str(tmp_path / "nope")}]))
+
+
+def test_hub_id_missing_from_cache_asks_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not in the local hub cache.*allow_download"):
+        build_catalog(config(models=[{"id": "q", "path": "mlx-community/not-here"}]))
