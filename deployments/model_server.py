@@ -18,12 +18,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import psutil
 
-from policies.config import ModelEntry
+from policies.config import AppConfig, ModelEntry
 
 logger = logging.getLogger("ray.serve")
-
-# Models are local files or the local hub cache; nothing downloads at run time by default.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @dataclass
@@ -37,7 +34,10 @@ class LoadReport:
 class ModelServer:
     """Base of the per-type deployment classes. Subclasses implement `_load` and `_loaded`."""
 
-    def __init__(self, entry: ModelEntry):
+    def __init__(self, entry: ModelEntry, config: AppConfig):
+        # Models are local files or the local hub cache; nothing downloads unless the operator
+        # allowed it. Set before mlx-lm (and so huggingface_hub) is imported, on first load.
+        os.environ["HF_HUB_OFFLINE"] = "0" if config.allow_download else "1"
         self.entry = entry
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")
         self._load_lock = asyncio.Lock()

@@ -57,13 +57,21 @@ def model_not_found(model: str) -> ApiError:
 
 
 def validation_error_to_api_error(error: ValidationError) -> ApiError:
-    """The first problem pydantic found, named by its JSON path, as a 400."""
-    first = error.errors()[0]
-    path = ".".join(str(part) for part in first["loc"])
-    message = first["msg"]
+    """Pydantic's most specific complaint, named by its JSON path, as a 400.
+
+    For a value that matches no member of a union pydantic reports one error per member;
+    the deepest one is about the member the client meant (a list of parts, not a string).
+    """
+    deepest = max(error.errors(), key=lambda e: len(e["loc"]))
+    path = ".".join(str(part) for part in deepest["loc"] if not _is_union_label(part))
+    message = deepest["msg"]
     if path:
         message = f"{path}: {message}"
     return ApiError(400, message, param=path or None)
+
+
+def _is_union_label(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
 
 
 class _Request(BaseModel):

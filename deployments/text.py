@@ -17,7 +17,7 @@ Event = str | Finish  # a piece of text, then one Finish
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class TextModel(ModelServer):
     def __init__(self, entry: ModelEntry, config: AppConfig):
-        super().__init__(entry)
+        super().__init__(entry, config)
         self.default_max_tokens = config.default_max_tokens
         self.model = None
         self.tokenizer = None

@@ -97,3 +97,18 @@ def test_hub_id_missing_from_cache_asks_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="not in the local hub cache.*allow_download"):
         build_catalog(config(models=[{"id": "q", "path": "mlx-community/not-here"}]))
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.mac.example.yaml"])
+def test_shipped_configs_are_valid(name):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.conftest import ROOT
+
+    document = yaml.safe_load((ROOT / name).read_text())
+    ServeDeploySchema.model_validate(document)
+    (application,) = document["applications"]
+    assert application["import_path"] == "graph:build_app"
+    assert application["external_scaler_enabled"] is True
+    load_config(application["args"])
