@@ -19,7 +19,7 @@ from ray.serve import Application
 from deployments.controller import Controller
 from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS
-from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name
+from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import detect
 
 
@@ -82,9 +82,14 @@ def build_catalog(config: AppConfig) -> list[ModelEntry]:
                 memory_bytes=spec.memory_bytes,
                 architecture=found.architecture,
                 reason="set in config" if spec.type and spec.family else found.reason,
+                idle_ttl=_idle_ttl(spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl),
             )
         )
     return catalog
+
+
+def _idle_ttl(ttl: str | float | None) -> float | None:
+    return None if ttl is None else parse_duration(ttl)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -96,5 +101,5 @@ def build_app(args: dict[str, Any]) -> Application:
         .bind(entry, config)
         for entry in catalog
     }
-    controller = Controller.bind(catalog, models)
+    controller = Controller.bind(config, catalog, models)
     return Ingress.bind(config, catalog, controller, models)

@@ -5,6 +5,7 @@ runs a model. Every error leaves as the OpenAI error envelope."""
 import asyncio
 import json
 import logging
+import secrets
 import time
 import uuid
 from typing import Any, AsyncIterator, TypeVar
@@ -22,6 +23,7 @@ from deployments.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
     Finish,
+    PreloadRequest,
     TextJob,
     error_body,
     model_not_found,
@@ -189,7 +191,44 @@ class Ingress:
         job = TextJob(sampling=body.sampling(), prompt=body.prompt_text)
         return await self._generate(entry, job, Reply(entry.id, chat=False), body)
 
+    @app.get("/admin/models")
+    async def admin_models(self, request: Request) -> dict[str, Any]:
+        self._require_admin(request)
+        return await self.controller.admin_view.remote()
+
+    @app.post("/admin/models/{model_id:path}/load")
+    async def admin_load(self, model_id: str, request: Request) -> dict[str, Any]:
+        self._require_admin(request)
+        entry = self._entry(model_id)
+        body = await self._parse(request, PreloadRequest, empty_ok=True)
+        await self.controller.preload.remote(entry.id, body.pin)
+        return await self._admin_model(entry.id)
+
+    @app.post("/admin/models/{model_id:path}/unload")
+    async def admin_unload(self, model_id: str, request: Request) -> dict[str, Any]:
+        self._require_admin(request)
+        entry = self._entry(model_id)
+        await self.controller.unload.remote(entry.id)
+        return await self._admin_model(entry.id)
+
     # -- helpers ------------------------------------------------------------------------------
+
+    def _require_admin(self, request: Request) -> None:
+        key = self.config.admin_api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+            raise ApiError(
+                401,
+                "Admin endpoints need the header 'Authorization: Bearer <admin_api_key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _admin_model(self, model_id: str) -> dict[str, Any]:
+        view = await self.controller.admin_view.remote()
+        return next(model for model in view["models"] if model["id"] == model_id)
 
     def _model_card(self, entry: ModelEntry, state: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -200,7 +239,7 @@ class Ingress:
             "type": entry.type,
             "family": entry.family,
             "status": state["status"],
-            "pinned": entry.pinned,
+            "pinned": state["pinned"],
         }
 
     def _entry(self, model_id: str, endpoint: str | None = None) -> ModelEntry:
@@ -215,7 +254,7 @@ class Ingress:
             )
         return entry
 
-    async def _parse(self, request: Request, schema: type[Body]) -> Body:
+    async def _parse(self, request: Request, schema: type[Body], empty_ok: bool = False) -> Body:
         content_type = request.headers.get("content-type", "application/json")
         media_type = content_type.split(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
@@ -225,6 +264,8 @@ class Ingress:
                 "(with curl, add -H 'Content-Type: application/json')",
             )
         raw = await self._read_body(request)
+        if empty_ok and not raw.strip():
+            raw = b"{}"
         try:
             data = json.loads(raw)
         except ValueError as error:

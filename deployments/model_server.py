@@ -29,6 +29,16 @@ class LoadReport:
     seconds: float
     weights_bytes: int  # MLX memory the weights took (active-memory delta)
     process_bytes: int  # resident memory of the whole replica process after load
+    process_before_bytes: int  # the same before loading
+
+    @property
+    def bytes(self) -> int:
+        """What the model costs: its process, weights included.
+
+        On the CPU backend the weights are in the process's resident memory; Metal buffers
+        may not be, so the weights are also added to the process size before loading.
+        """
+        return max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
 
 
 class ModelServer:
@@ -67,8 +77,9 @@ class ModelServer:
                 self._report = None
                 logger.info("unloaded model %s", self.entry.id)
 
-    def is_loaded(self) -> bool:
-        return self._report is not None
+    def report(self) -> LoadReport | None:
+        """What the loaded weights cost, or None when nothing is loaded (controller restarts)."""
+        return self._report
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -132,14 +143,17 @@ class ModelServer:
     def _load_measured(self) -> LoadReport:
         import mlx.core as mx
 
+        process = psutil.Process()
         started = time.perf_counter()
+        rss_before = process.memory_info().rss
         before = mx.get_active_memory()
         self._load()
         return LoadReport(
             model=self.entry.id,
             seconds=time.perf_counter() - started,
             weights_bytes=max(0, mx.get_active_memory() - before),
-            process_bytes=psutil.Process().memory_info().rss,
+            process_bytes=process.memory_info().rss,
+            process_before_bytes=rss_before,
         )
 
     def _free(self) -> None:

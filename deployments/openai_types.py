@@ -186,6 +186,12 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class PreloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pin: bool = True
+
+
 @dataclass
 class Sampling:
     """Sampling settings as the client sent them; None means "the model's default"."""

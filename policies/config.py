@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Annotated, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from policies.detection import MODEL_TYPES
 from policies.memory import parse_limit, parse_size
@@ -13,6 +14,32 @@ from policies.memory import parse_limit, parse_size
 # Names of the application's own deployments; a model id may not take them.
 INGRESS_NAME = "fleet-ingress"
 CONTROLLER_NAME = "fleet-controller"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in a duration such as "30s", "5m", "1h" or a plain number of seconds."""
+    match = None if isinstance(text, bool) else _DURATION.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a positive duration such as '30s', '5m' or '1h', got {text!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def _checked_by(parse: Callable[[Any], Any]) -> AfterValidator:
+    """Keep the value as written (it reads better in logs and /admin) once `parse` accepts it."""
+
+    def check(value: Any) -> Any:
+        parse(value)
+        return value
+
+    return AfterValidator(check)
+
+
+Size = Annotated[str | int, _checked_by(parse_size)]
+Duration = Annotated[str | float, _checked_by(parse_duration)]
+Limit = Annotated[str | int, _checked_by(lambda limit: parse_limit(limit, total_bytes=1))]
 
 
 def deployment_name(model_id: str) -> str:
@@ -26,11 +53,14 @@ class ModelSpec(BaseModel):
     id: str = Field(min_length=1, description="The name clients send as `model`.")
     path: str = Field(min_length=1, description="A local directory or a hub repo id.")
     pinned: bool = False
-    memory: str | int | None = Field(
+    memory: Size | None = Field(
         default=None, description="The model's whole cost, e.g. '2GB'; overrides the estimate."
     )
     type: str | None = None
     family: str | None = None
+    idle_ttl: Duration | None = Field(
+        default=None, description="Unload this model after this long unused (overrides idle_ttl)."
+    )
 
     @field_validator("id")
     @classmethod
@@ -38,13 +68,6 @@ class ModelSpec(BaseModel):
         if model_id != model_id.strip() or any(not c.isprintable() for c in model_id):
             raise ValueError(f"model id {model_id!r} must be printable with no surrounding spaces")
         return model_id
-
-    @field_validator("memory")
-    @classmethod
-    def _memory_is_a_size(cls, memory: str | int | None) -> str | int | None:
-        if memory is not None:
-            parse_size(memory)
-        return memory
 
     @field_validator("type")
     @classmethod
@@ -62,29 +85,27 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
-    memory_limit: str | int = "75%"
+    memory_limit: Limit = "75%"
     image_max_side: int = Field(default=2048, ge=64, le=16384)
     admin_api_key: str | None = None
     allow_download: bool = Field(
         default=False, description="Download hub models missing from the local cache at load."
     )
-    max_request_size: str | int = "32MB"
+    max_request_size: Size = "32MB"
     default_max_tokens: int = Field(default=512, ge=1)
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests one model replica accepts before callers queue."
     )
-
-    @field_validator("memory_limit")
-    @classmethod
-    def _limit_parses(cls, limit: str | int) -> str | int:
-        parse_limit(limit, total_bytes=1)
-        return limit
-
-    @field_validator("max_request_size")
-    @classmethod
-    def _request_size_parses(cls, size: str | int) -> str | int:
-        parse_size(size)
-        return size
+    replica_overhead: Size = Field(
+        default="200MB", description="Memory of a model replica's process before any weights."
+    )
+    idle_ttl: Duration | None = Field(
+        default=None, description="Unload unpinned models unused for this long (off by default)."
+    )
+    load_wait_timeout: Duration = Field(
+        default="60s",
+        description="How long a load waits for busy models to finish before it answers 503.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -105,6 +126,14 @@ class AppConfig(BaseModel):
     def max_request_bytes(self) -> int:
         return parse_size(self.max_request_size)
 
+    @property
+    def replica_overhead_bytes(self) -> int:
+        return parse_size(self.replica_overhead)
+
+    @property
+    def load_wait_seconds(self) -> float:
+        return parse_duration(self.load_wait_timeout)
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -119,3 +148,4 @@ class ModelEntry:
     memory_bytes: int | None
     architecture: str | None
     reason: str
+    idle_ttl: float | None = None

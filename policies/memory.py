@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _UNITS = {
     "": 1,
@@ -61,3 +62,21 @@ def parse_limit(text: str | int, total_bytes: int) -> int:
 def format_gb(size: int) -> str:
     """Bytes as "4.2 GB", the form every memory error message uses."""
     return f"{size / 1e9:.1f} GB"
+
+
+def weight_files_bytes(path: str | Path) -> int:
+    """Bytes of a model directory's weight files; 0 when it is not a local directory."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
+
+
+def estimate_model_bytes(path: str | Path, replica_overhead: int, override: int | None = None) -> int:
+    """What a model will cost once loaded: its weights plus its replica process.
+
+    An operator's override is the whole cost, exactly.
+    """
+    if override is not None:
+        return override
+    return weight_files_bytes(path) + replica_overhead

@@ -1,0 +1,72 @@
+"""Sets and watches a model deployment's replica count (0 or 1).
+
+Ray Serve's external-scaler API (`external_scaler_enabled: true`): the dashboard's
+`POST /api/v1/applications/{app}/deployments/{name}/scale` calls
+`update_deployment_replicas` on the Serve controller actor. We call the actor directly: no
+HTTP hop, no dashboard or auth token needed. It is a private API, so it lives only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+from ray import serve
+from ray.serve._private.common import DeploymentID, ReplicaState
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve.schema import ApplicationStatus
+
+POLL_SECONDS = 0.1
+
+
+class ReplicaScaler:
+    def __init__(self, app_name: str):
+        self.app_name = app_name
+        self._serve_controller = None
+
+    async def scale(self, deployment: str, replicas: int) -> None:
+        if self._serve_controller is None:
+            self._serve_controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        await self._serve_controller.update_deployment_replicas.remote(
+            DeploymentID(name=deployment, app_name=self.app_name), replicas
+        )
+
+    async def replica_states(self) -> dict[str, dict[str, int]]:
+        """For each deployment of the application, how many replicas are in which state."""
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.app_name)
+        if app is None:
+            return {}
+        return {
+            name: {str(getattr(state, "value", state)): count for state, count in d.replica_states.items()}
+            for name, d in app.deployments.items()
+        }
+
+    async def running(self) -> dict[str, int]:
+        states = await self.replica_states()
+        return {name: counts.get(ReplicaState.RUNNING.value, 0) for name, counts in states.items()}
+
+    async def scale_and_wait(self, deployment: str, replicas: int, timeout: float = 120) -> float:
+        """Scale, then wait until exactly `replicas` run and none start or stop. Seconds taken."""
+        started = time.perf_counter()
+        await self.scale(deployment, replicas)
+        while True:
+            counts = (await self.replica_states()).get(deployment, {})
+            running = counts.get(ReplicaState.RUNNING.value, 0)
+            if running == replicas and sum(counts.values()) == replicas:
+                return time.perf_counter() - started
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(
+                    f"deployment {deployment} did not reach {replicas} replica(s) in {timeout:.0f} s "
+                    f"(now: {counts})"
+                )
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def wait_until_app_running(self) -> None:
+        while True:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name)
+            if app is not None and app.status == ApplicationStatus.RUNNING:
+                return
+            await asyncio.sleep(POLL_SECONDS * 5)
