@@ -97,7 +97,13 @@ def build_app(args: dict[str, Any]) -> Application:
     catalog = build_catalog(config)
     models = {
         entry.id: MODEL_KINDS[entry.type]
-        .deployment.options(name=entry.deployment, max_ongoing_requests=config.max_ongoing_requests)
+        .deployment.options(
+            name=entry.deployment,
+            max_ongoing_requests=config.max_ongoing_requests,
+            # Only idle replicas are scaled down (the controller waits for requests in
+            # flight), so there is nothing to drain: Serve's 2 s drain loop is pure delay.
+            graceful_shutdown_wait_loop_s=0.1,
+        )
         .bind(entry, config)
         for entry in catalog
     }

@@ -117,6 +117,8 @@ def _log_failure(task: asyncio.Task) -> None:
     # Callers wait here while a model loads: never make them queue behind each other.
     max_ongoing_requests=100_000,
     ray_actor_options={"num_cpus": 0},
+    # A dead controller is noticed (and replaced, adopting real state) within seconds.
+    health_check_period_s=2,
 )
 class Controller:
     def __init__(
@@ -367,7 +369,7 @@ class Controller:
             self._unloading.pop(model_id, None)
             state.status = UNLOADED
             await self._notify()
-        if reason != "load_failed":
+        if reason != "load_failed":  # a failed load held no weights
             state.evictions += 1
             self.metrics["evictions"].inc(tags={"model": model_id, "reason": reason})
         logger.info(
@@ -401,11 +403,12 @@ class Controller:
         idle = [
             s.entry.id
             for s in self.states.values()
-            if s.status == UNLOADED and running.get(s.entry.deployment, 0)
+            if s.status == UNLOADED and not s.pinned and running.get(s.entry.deployment, 0)
         ]
-        for model_id in idle:
-            self.states[model_id].status = UNLOADING
-        await asyncio.gather(*(self._evict(model_id, "start") for model_id in idle))
+        # Replicas without weights: nothing to account for, only processes to stop.
+        await asyncio.gather(
+            *(self.scaler.scale_and_wait(self.states[i].entry.deployment, 0) for i in idle)
+        )
         adopted = [s.entry.id for s in self.states.values() if s.status == LOADED]
         logger.info(
             "controller ready: budget %s, adopted %s, scaled %d idle replicas to zero",

@@ -66,15 +66,15 @@ def serve_port(ray_cluster) -> int:
     return port
 
 
-def run_app(args: dict, port: int, name: str = APP_NAME) -> str:
+def run_app(args: dict, port: int, name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy the application from `args` and return its base URL."""
     from ray import serve
 
     from graph import build_app
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
-    serve.run(build_app(args), name=name, route_prefix="/", external_scaler_enabled=True)
-    return f"http://127.0.0.1:{port}"
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, external_scaler_enabled=True)
+    return f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
 
 
 @pytest.fixture(scope="session")
