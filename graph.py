@@ -18,7 +18,7 @@ from ray.serve import Application
 
 from deployments.controller import Controller
 from deployments.ingress import Ingress
-from deployments.registry import MODEL_KINDS
+from deployments.registry import MODEL_KINDS, ModelKind
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import detect
 
@@ -60,16 +60,16 @@ def resolve_path(spec: ModelSpec, allow_download: bool) -> str:
         ) from None
 
 
-def build_catalog(config: AppConfig) -> list[ModelEntry]:
+def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) -> list[ModelEntry]:
     catalog = []
     for spec in config.models:
         path = resolve_path(spec, config.allow_download)
         found = detect(path if Path(path).is_dir() else spec.path)
         model_type = spec.type or found.type
-        if model_type not in MODEL_KINDS:
+        if model_type not in kinds:
             raise ConfigError(
-                f"model {spec.id!r} is a {model_type} model, which this server cannot serve yet "
-                f"(it serves: {', '.join(MODEL_KINDS)})"
+                f"model {spec.id!r} is a {model_type} model ({found.reason}), which this server "
+                f"cannot serve; set `type:` to one of: {', '.join(kinds)}"
             )
         catalog.append(
             ModelEntry(
@@ -93,10 +93,15 @@ def _idle_ttl(ttl: str | float | None) -> float | None:
 
 
 def build_app(args: dict[str, Any]) -> Application:
+    """Serve's entry point (`import_path: graph:build_app`)."""
+    return build_application(args, MODEL_KINDS)
+
+
+def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Application:
     config = load_config(args)
-    catalog = build_catalog(config)
+    catalog = build_catalog(config, kinds)
     models = {
-        entry.id: MODEL_KINDS[entry.type]
+        entry.id: kinds[entry.type]
         .deployment.options(
             name=entry.deployment,
             max_ongoing_requests=config.max_ongoing_requests,
@@ -108,4 +113,5 @@ def build_app(args: dict[str, Any]) -> Application:
         for entry in catalog
     }
     controller = Controller.bind(config, catalog, models)
-    return Ingress.bind(config, catalog, controller, models)
+    capabilities = {name: kind.capabilities for name, kind in kinds.items()}
+    return Ingress.bind(config, catalog, capabilities, controller, models)

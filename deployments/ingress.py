@@ -29,7 +29,7 @@ from deployments.openai_types import (
     model_not_found,
     validation_error_to_api_error,
 )
-from deployments.registry import CHAT, COMPLETIONS, MODEL_KINDS
+from deployments.registry import CHAT, COMPLETIONS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 
 logger = logging.getLogger("ray.serve")
@@ -139,11 +139,13 @@ class Ingress:
         self,
         config: AppConfig,
         catalog: list[ModelEntry],
+        capabilities: dict[str, Capabilities],
         controller: DeploymentHandle,
         models: dict[str, DeploymentHandle],
     ):
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
+        self.capabilities = capabilities
         self.controller = controller
         self.models = models
         self.started = int(time.time())
@@ -172,7 +174,7 @@ class Ingress:
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
         entry = self._entry(body.model, CHAT)
-        if not MODEL_KINDS[entry.type].accepts_images and any(
+        if not self.capabilities[entry.type].accepts_images and any(
             message.has_images() for message in body.messages
         ):
             raise ApiError(400, f"Model {entry.id} does not support vision", param="messages")
@@ -246,7 +248,7 @@ class Ingress:
         entry = self.catalog.get(model_id)
         if entry is None:
             raise model_not_found(model_id)
-        if endpoint and endpoint not in MODEL_KINDS[entry.type].endpoints:
+        if endpoint and endpoint not in self.capabilities[entry.type].endpoints:
             raise ApiError(
                 400,
                 f"Model {entry.id} is a {entry.type} model and does not serve /v1/{endpoint}",

@@ -1,7 +1,7 @@
 """Model types: which deployment serves a type and which endpoints it answers.
 
 A new type (audio, image generation) is a new entry here; the ingress and the controller
-only read this table.
+only read this table (the builder hands each of them what it needs from it).
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ from ray.serve import Deployment
 from deployments.text import TextModel
 from policies.detection import TEXT
 
-CHAT = "chat.completions"
+CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
 
 
 @dataclass(frozen=True)
-class ModelKind:
-    deployment: Deployment
-    endpoints: frozenset[str]
+class Capabilities:
+    endpoints: frozenset[str]  # the /v1/... routes this type answers
     accepts_images: bool = False
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    deployment: Deployment  # a class with load(), report() and the endpoints' methods
+    capabilities: Capabilities
+
+
 MODEL_KINDS: dict[str, ModelKind] = {
-    TEXT: ModelKind(TextModel, frozenset({CHAT, COMPLETIONS})),
+    TEXT: ModelKind(TextModel, Capabilities(frozenset({CHAT, COMPLETIONS}))),
 }

@@ -9,6 +9,7 @@ from ray import serve
 from deployments.model_server import ModelServer
 from deployments.openai_types import ApiError, Finish, TextJob
 from policies.config import AppConfig, ModelEntry
+from policies.families import adapter_for, render_chat
 from policies.stop_strings import StopMatcher
 
 Event = str | Finish  # a piece of text, then one Finish
@@ -19,6 +20,7 @@ class TextModel(ModelServer):
     def __init__(self, entry: ModelEntry, config: AppConfig):
         super().__init__(entry, config)
         self.default_max_tokens = config.default_max_tokens
+        self.adapter = adapter_for(entry.family)
         self.model = None
         self.tokenizer = None
         self.context_length: int | None = None
@@ -43,6 +45,12 @@ class TextModel(ModelServer):
 
         self.model, self.tokenizer, model_config = load(self.entry.path, return_config=True)
         self.context_length = model_config.get("max_position_embeddings")
+        # Templates end a turn with a token the tokenizer may not list as EOS (<|eot_id|>,
+        # <end_of_turn>): without it generation runs past the answer until max_tokens.
+        vocab = self.tokenizer.get_vocab()
+        for token in self.adapter.stop_tokens:
+            if token in vocab:
+                self.tokenizer.add_eos_token(token)
 
     def _release_weights(self) -> None:
         self.model = self.tokenizer = None
@@ -58,8 +66,8 @@ class TextModel(ModelServer):
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(
-            temp=1.0 if sampling.temperature is None else sampling.temperature,
-            top_p=1.0 if sampling.top_p is None else sampling.top_p,
+            temp=self.adapter.temperature if sampling.temperature is None else sampling.temperature,
+            top_p=self.adapter.top_p if sampling.top_p is None else sampling.top_p,
         )
         stops = StopMatcher(sampling.stop)
         tokens = 0
@@ -90,9 +98,7 @@ class TextModel(ModelServer):
         if not tokenizer.has_chat_template:
             raise ApiError(400, f"Model {self.entry.id} has no chat template; use /v1/completions")
         try:
-            rendered = tokenizer.apply_chat_template(
-                job.messages, add_generation_prompt=True, tokenize=False
-            )
+            rendered = render_chat(self.adapter, tokenizer, job.messages)
         except Exception as error:  # the template's own raise_exception(), e.g. role order
             raise ApiError(
                 400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"

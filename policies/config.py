@@ -8,7 +8,6 @@ from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies.detection import MODEL_TYPES
 from policies.memory import parse_limit, parse_size
 
 # Names of the application's own deployments; a model id may not take them.
@@ -56,8 +55,8 @@ class ModelSpec(BaseModel):
     memory: Size | None = Field(
         default=None, description="The model's whole cost, e.g. '2GB'; overrides the estimate."
     )
-    type: str | None = None
-    family: str | None = None
+    type: str | None = Field(default=None, description="Override detection: text-generation, ...")
+    family: str | None = Field(default=None, description="Override detection: llama, qwen, ...")
     idle_ttl: Duration | None = Field(
         default=None, description="Unload this model after this long unused (overrides idle_ttl)."
     )
@@ -68,13 +67,6 @@ class ModelSpec(BaseModel):
         if model_id != model_id.strip() or any(not c.isprintable() for c in model_id):
             raise ValueError(f"model id {model_id!r} must be printable with no surrounding spaces")
         return model_id
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, model_type: str | None) -> str | None:
-        if model_type is not None and model_type not in MODEL_TYPES:
-            raise ValueError(f"type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")
-        return model_type
 
     @property
     def memory_bytes(self) -> int | None:

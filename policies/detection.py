@@ -1,12 +1,16 @@
-"""What kind of model a directory or name holds: its type first, then its family.
+"""What a model is: its type first (text-generation, vision, embeddings), then its family.
 
-Chain: config.json -> name words -> default (text-generation, llama).
+Chain: explicit config -> config.json (and files beside it) -> name words -> default
+(text-generation, llama). Every answer says which signal decided, in `reason`.
+
+    python -m policies.detection PATH_OR_NAME [...]   # one JSON object per argument
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,14 +21,33 @@ MODEL_TYPES = (TEXT, VISION, EMBEDDINGS)
 
 DEFAULT_FAMILY = "llama"
 
-# model_type prefixes -> family; the longest matching prefix wins.
-_FAMILY_BY_MODEL_TYPE = {
+# model_type or name-word prefixes of the chat families; the longest match wins. Anything
+# else keeps its own model_type as family (bert, llava, florence2, ...).
+_FAMILY_PREFIXES = {
     "llama": "llama",
+    "smollm": "llama",  # SmolLM is a Llama architecture
     "mistral": "mistral",
     "mixtral": "mistral",
     "qwen": "qwen",
     "gemma": "gemma",
+    "phi": "phi",
+    "deepseek": "deepseek",
 }
+_ENCODER_MODEL_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert", "nomic_bert", "electra",
+}
+_ENCODER_ARCHITECTURES = {
+    "BertModel", "RobertaModel", "XLMRobertaModel", "DistilBertModel", "MPNetModel",
+    "ModernBertModel", "NomicBertModel", "ElectraModel",
+}
+_VISION_MODEL_TYPES = {
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "florence2", "idefics2",
+    "idefics3", "pixtral", "mllama", "phi3_v", "smolvlm", "gemma3", "mistral3",
+}
+_VISION_KEYS = ("vision_config", "vision_tower", "img_processor", "mm_vision_tower")
+_EMBEDDING_WORDS = ("embed", "bge", "e5", "minilm", "gte", "mpnet", "sentence")
+_VISION_WORDS = ("vl", "vlm", "vision", "llava", "pixtral", "paligemma", "florence", "idefics")
+_VISION_FAMILY_WORDS = ("llava", "paligemma", "florence2", "pixtral", "idefics")
 
 
 @dataclass(frozen=True)
@@ -43,47 +66,119 @@ def read_config(path: str | Path) -> dict | None:
     path = Path(path)
     config_file = path if path.is_file() else path / "config.json"
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None
 
 
-def family_from_model_type(model_type: str | None) -> str | None:
-    if not model_type:
-        return None
-    matches = [prefix for prefix in _FAMILY_BY_MODEL_TYPE if model_type.startswith(prefix)]
-    return _FAMILY_BY_MODEL_TYPE[max(matches, key=len)] if matches else None
+def chat_family(word: str) -> str | None:
+    """The chat family a model_type or name word starts with ("qwen2_5_vl" -> "qwen"), if any."""
+    word = word.lower()
+    matches = [prefix for prefix in _FAMILY_PREFIXES if word.startswith(prefix)]
+    return _FAMILY_PREFIXES[max(matches, key=len)] if matches else None
 
 
-def family_from_name(name: str) -> str | None:
-    words = re.split(r"[^a-z0-9]+", name.lower())
-    for word in words:
-        family = family_from_model_type(word)
-        if family:
-            return family
+def family_of(model_type: str) -> str:
+    """A model_type's family: a chat family, else the model_type itself ("bert", "llava")."""
+    return chat_family(model_type) or model_type.lower()
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+
+
+def _has_word(words: list[str], wanted: tuple[str, ...]) -> str | None:
+    """The first wanted word that a name word is, or starts with (for "embed" in "embedding")."""
+    for want in wanted:
+        for word in words:
+            if word == want or (len(want) > 3 and word.startswith(want)):
+                return want
     return None
 
 
-def detect(path_or_name: str) -> Detection:
-    config = read_config(path_or_name)
-    if config is not None:
-        architecture = (config.get("architectures") or [None])[0]
-        model_type = config.get("model_type")
-        if "vision_config" in config:
-            model_type = (config.get("text_config") or {}).get("model_type", model_type)
-            kind = VISION
-        else:
-            kind = TEXT
-        family = family_from_model_type(model_type)
-        if family:
-            return Detection(kind, family, architecture, f"config.json model_type={model_type!r}")
-        return Detection(
-            kind,
-            DEFAULT_FAMILY,
-            architecture,
-            f"config.json model_type={model_type!r} has no adapter; default family",
+def _family_from_name(words: list[str]) -> tuple[str, str] | None:
+    """(family, the word that told) from a name's words, if any word names a chat family."""
+    # "DeepSeek-R1-Distill-Qwen-7B" is a Qwen model distilled by DeepSeek: the base decides.
+    if "distill" in words:
+        words = words[words.index("distill") + 1 :] + words
+    return next(((chat_family(w), w) for w in words if chat_family(w)), None)
+
+
+def detect_from_config(config: dict, files: set[str], name: str) -> Detection:
+    """Type and family from a config.json, the names of files beside it, and the model's name."""
+    architectures = config.get("architectures") or []
+    architecture_class = architectures[0] if architectures else None
+    model_type = str(config.get("model_type") or "").lower() or None
+    architecture = model_type or architecture_class
+    family = family_of(model_type) if model_type else DEFAULT_FAMILY
+    words = _words(name)
+
+    def found(kind: str, reason: str) -> Detection:
+        return Detection(kind, family, architecture, reason)
+
+    if "modules.json" in files or "1_Pooling" in files:
+        return found(EMBEDDINGS, "sentence-transformers files (modules.json / 1_Pooling) beside config.json")
+    if architecture_class in _ENCODER_ARCHITECTURES or model_type in _ENCODER_MODEL_TYPES:
+        return found(
+            EMBEDDINGS, f"config.json: encoder-only {architecture_class or model_type} (no text generation)"
         )
-    family = family_from_name(Path(path_or_name).name)
-    if family:
-        return Detection(TEXT, family, None, f"name contains {family!r}")
-    return Detection(TEXT, DEFAULT_FAMILY, None, "no config.json and no family in the name; default")
+    # Qwen3-Embedding is a Qwen3ForCausalLM: only its name tells.
+    embed_word = _has_word(words, ("embed", "embedding"))
+    if embed_word:
+        return found(EMBEDDINGS, f"name contains {embed_word!r} (config.json says {architecture_class})")
+    vision_key = next((key for key in _VISION_KEYS if key in config), None)
+    if vision_key:
+        return found(VISION, f"config.json has {vision_key!r}")
+    if model_type in _VISION_MODEL_TYPES:
+        return found(VISION, f"config.json: vision model_type {model_type!r}")
+    if "preprocessor_config.json" in files and architecture_class and "Conditional" in architecture_class:
+        return found(VISION, f"image preprocessor beside config.json, {architecture_class}")
+    if model_type:
+        return found(TEXT, f"config.json: model_type {model_type!r}")
+    return found(TEXT, "config.json without model_type; default family")
+
+
+def detect_from_name(name: str) -> Detection:
+    words = _words(name)
+    embed = _has_word(words, _EMBEDDING_WORDS)
+    if embed:
+        encoder = _has_word(words, ("modernbert", "xlmr", "xlm"))
+        chat = _family_from_name(words)  # Qwen3-Embedding is a Qwen model
+        family = {"xlmr": "xlm-roberta", "xlm": "xlm-roberta"}.get(encoder, encoder)
+        return Detection(EMBEDDINGS, family or (chat and chat[0]) or "bert", None, f"name contains {embed!r}")
+    vision = _has_word(words, _VISION_WORDS)
+    if vision:
+        chat = _family_from_name(words)
+        family = _has_word(words, _VISION_FAMILY_WORDS) or (chat and chat[0]) or DEFAULT_FAMILY
+        return Detection(VISION, family, None, f"name contains {vision!r}")
+    chat = _family_from_name(words)
+    if chat:
+        return Detection(TEXT, chat[0], None, f"name word {chat[1]!r} is a {chat[0]} model")
+    return Detection(TEXT, DEFAULT_FAMILY, None, "no config.json and no known word in the name; default")
+
+
+def detect(path_or_name: str) -> Detection:
+    """Detect from a model directory, a config.json file, or a bare name / hub id."""
+    path = Path(path_or_name)
+    config = read_config(path)
+    if config is None:
+        return detect_from_name(path_or_name)
+    directory = path.parent if path.is_file() else path
+    files = {child.name for child in directory.iterdir()}
+    # A hub cache snapshot dir is named by its commit hash: the repo's name is two levels up.
+    name = directory.parent.parent.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else directory.name
+    return detect_from_config(config, files, name)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    for arg in argv:
+        print(json.dumps({"input": arg, **detect(arg).as_dict()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -83,11 +83,12 @@ def test_context_overflow_is_400(http):
 
 
 def test_template_refusal_is_400_also_when_streaming(http):
-    # Mistral's old template refuses a system message; the error must come before any stream.
-    body = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    # Mistral's template refuses a conversation that opens with the assistant; the error
+    # must come before any stream starts.
+    messages = [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
     for stream in (False, True):
-        response = http.post(CHAT, json={**body, "stream": stream, "max_tokens": 2})
-        assert_envelope(response, 400, param="messages", words="alternate")
+        body = {"model": "tiny-mistral", "messages": messages, "stream": stream, "max_tokens": 2}
+        assert_envelope(http.post(CHAT, json=body), 400, param="messages", words="alternate")
 
 
 def test_unknown_route_uses_the_envelope(http):

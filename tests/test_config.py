@@ -46,7 +46,6 @@ def test_full_model_spec():
         ({"models": [{"id": "a", "path": "p"}], "memory_limit": "lots"}, "memory_limit"),
         ({"models": [{"id": "a", "path": "p"}], "memory_limit": "150%"}, "(0, 100]"),
         ({"models": [{"id": "a", "path": "p", "memory": "2 parsecs"}]}, "2 parsecs"),
-        ({"models": [{"id": "a", "path": "p", "type": "audio-magic"}]}, "type must be one of"),
         ({"models": [{"id": "a", "path": "p"}, {"id": "a", "path": "q"}]}, "collide"),
         ({"models": [{"id": "org/x", "path": "p"}, {"id": "org--x", "path": "q"}]}, "collide"),
         ({"models": [{"id": "fleet-ingress", "path": "p"}]}, "reserved"),
@@ -76,7 +75,7 @@ def test_catalog_resolves_local_dirs_and_detects_family(tmp_path):
     path = write_model(tmp_path / "m", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
     (entry,) = build_catalog(config(models=[{"id": "q", "path": path, "memory": "1GB"}]))
     assert entry.path == path
-    assert (entry.type, entry.family, entry.architecture) == ("text-generation", "qwen", "Qwen2ForCausalLM")
+    assert (entry.type, entry.family, entry.architecture) == ("text-generation", "qwen", "qwen2")
     assert entry.memory_bytes == 1_000_000_000
     assert entry.deployment == "q"
 
@@ -112,3 +111,9 @@ def test_shipped_configs_are_valid(name):
     assert application["import_path"] == "graph:build_app"
     assert application["external_scaler_enabled"] is True
     load_config(application["args"])
+
+
+def test_a_type_no_deployment_serves_is_a_clear_error(tmp_path):
+    path = write_model(tmp_path / "m", {"model_type": "llama"})
+    with pytest.raises(ConfigError, match="audio-magic model.*cannot serve; set `type:` to one of: text-generation"):
+        build_catalog(config(models=[{"id": "q", "path": path, "type": "audio-magic"}]))

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.conftest import default_app_args
+from policies.families import adapter_for, render_chat
+from tests.conftest import ROOT, default_app_args
 
 TEXT_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"]
 USER = [{"role": "user", "content": "What is the capital of France?"}]
@@ -40,6 +41,21 @@ def test_each_family_answers_a_chat(client, model):
     assert reply.usage.completion_tokens == 6
     assert reply.usage.prompt_tokens > 5
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
+
+
+@pytest.mark.parametrize("model", TEXT_MODELS)
+def test_each_family_answers_a_chat_with_a_system_message(client, http, model):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    messages = [{"role": "system", "content": "Answer in one word."}, *USER]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content
+    # The server rendered exactly the family's adapted template: same prompt, same tokens.
+    family = http.get(f"/v1/models/{model}").json()["family"]
+    tokenizer = load_tokenizer(ROOT / "models" / model)
+    prompt = render_chat(adapter_for(family), tokenizer, messages)
+    assert "Answer in one word." in prompt
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
 
 
 def test_model_status_becomes_loaded_after_use(client, http):

@@ -1,0 +1,67 @@
+"""Chat-template quirks per model family, one small module each, all the same shape.
+
+Each module defines `ADAPTER`. Families without a module (phi, deepseek, ...) use llama's,
+which trusts the model's own chat template and adds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    name: str
+    system_role: bool  # does the family's template accept a "system" message?
+    alternating_roles: bool  # must user and assistant turns strictly alternate?
+    stop_tokens: tuple[str, ...]  # end-of-turn tokens that end a reply
+    add_bos: bool  # does the model expect a BOS token its template may not write?
+    temperature: float  # sampling defaults when a request leaves them out
+    top_p: float
+
+
+def adapter_for(family: str) -> FamilyAdapter:
+    from policies.families import gemma, llama, mistral, qwen
+
+    adapters = {module.ADAPTER.name: module.ADAPTER for module in (llama, qwen, mistral, gemma)}
+    return adapters.get(family, llama.ADAPTER)
+
+
+def prepare_messages(adapter: FamilyAdapter, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reshape messages so the family's template accepts them instead of raising.
+
+    Without a system role the system text opens the first user turn (what Gemma's and
+    Mistral's own guides recommend); with strict alternation, consecutive turns of one role
+    are joined.
+    """
+    messages = [dict(m) for m in messages]
+    if not adapter.system_role:
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+        messages = [m for m in messages if m["role"] != "system"]
+        if system:
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                messages.insert(0, {"role": "user", "content": system})
+            else:
+                first_user["content"] = f"{system}\n\n{first_user['content']}"
+    if adapter.alternating_roles:
+        merged: list[dict[str, Any]] = []
+        for message in messages:
+            if merged and merged[-1]["role"] == message["role"]:
+                merged[-1]["content"] = f"{merged[-1]['content']}\n\n{message['content']}"
+            else:
+                merged.append(message)
+        messages = merged
+    return messages
+
+
+def render_chat(adapter: FamilyAdapter, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text for a chat, through the model's own template, adapted to its family."""
+    rendered = tokenizer.apply_chat_template(
+        prepare_messages(adapter, messages), add_generation_prompt=True, tokenize=False
+    )
+    bos = getattr(tokenizer, "bos_token", None)
+    if adapter.add_bos and bos and not rendered.startswith(bos):
+        rendered = bos + rendered
+    return rendered

@@ -1,0 +1,63 @@
+"""A new model type plugs in through the registry alone: no change to ingress or controller.
+
+The "echo" type exists only in this test: its deployment answers chats with the last user
+message reversed.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import httpx
+from ray import serve
+
+from deployments.openai_types import Finish, TextJob
+from deployments.registry import CHAT, MODEL_KINDS, Capabilities, ModelKind
+from graph import build_application
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class EchoModel:
+    def __init__(self, entry, config):
+        self.loaded = None
+
+    async def load(self):
+        from deployments.model_server import LoadReport
+
+        self.loaded = LoadReport(model="echo", seconds=0.0, weights_bytes=0, process_bytes=1, process_before_bytes=1)
+        return self.loaded
+
+    def report(self):
+        return self.loaded
+
+    async def generate(self, job: TextJob) -> tuple[str, Finish]:
+        text = job.messages[-1]["content"][::-1]
+        return text, Finish("stop", len(job.messages), len(text))
+
+    async def stream(self, job: TextJob) -> AsyncIterator:
+        text, finish = await self.generate(job)
+        for char in text:
+            yield char
+        yield finish
+
+
+def test_registering_a_new_type(serve_port, base_url):
+    kinds = {**MODEL_KINDS, "echo": ModelKind(EchoModel, Capabilities(frozenset({CHAT})))}
+    args = {"models": [{"id": "parrot", "path": "models/tiny-llama", "type": "echo", "family": "echo"}]}
+    serve.run(build_application(args, kinds), name="mlx-fleet-echo", route_prefix="/echo", external_scaler_enabled=True)
+    url = f"http://127.0.0.1:{serve_port}/echo"
+    try:
+        card = httpx.get(f"{url}/v1/models/parrot").json()
+        assert (card["type"], card["family"]) == ("echo", "echo")
+        body = {"model": "parrot", "messages": [{"role": "user", "content": "hello"}]}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == "olleh"
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and len(lines) == 5 + 3  # role, 5 chars, finish, DONE
+        # Endpoints the type did not register answer 400, not 500.
+        completion = httpx.post(f"{url}/v1/completions", json={"model": "parrot", "prompt": "x"}, timeout=60)
+        assert completion.status_code == 400
+        assert "does not serve /v1/completions" in completion.json()["error"]["message"]
+    finally:
+        serve.delete("mlx-fleet-echo")
