@@ -3,6 +3,7 @@ runs a model. Every error leaves as the OpenAI error envelope."""
 
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
@@ -22,6 +23,7 @@ from deployments.openai_types import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     Finish,
     PreloadRequest,
     TextJob,
@@ -29,7 +31,7 @@ from deployments.openai_types import (
     model_not_found,
     validation_error_to_api_error,
 )
-from deployments.registry import CHAT, COMPLETIONS, Capabilities
+from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 
 logger = logging.getLogger("ray.serve")
@@ -128,6 +130,13 @@ class Reply:
         return self._object(kind, [], usage=finish.usage())
 
 
+def encode_vector(vector: Any, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        # Little-endian float32 bytes: what the OpenAI client asks for by default and decodes.
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -192,6 +201,25 @@ class Ingress:
         entry = self._entry(body.model, COMPLETIONS)
         job = TextJob(sampling=body.sampling(), prompt=body.prompt_text)
         return await self._generate(entry, job, Reply(entry.id, chat=False), body)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        body = await self._parse(request, EmbeddingRequest)
+        entry = self._entry(body.model, EMBEDDINGS)
+        await self.controller.acquire.remote(entry.id)
+        try:
+            embedded = await self.models[entry.id].embed.remote(body.texts)
+        finally:
+            await self._release(entry.id)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "embedding": encode_vector(vector, body.encoding_format), "index": i}
+                for i, vector in enumerate(embedded.vectors)
+            ],
+            "model": entry.id,
+            "usage": {"prompt_tokens": embedded.prompt_tokens, "total_tokens": embedded.prompt_tokens},
+        }
 
     @app.get("/admin/models")
     async def admin_models(self, request: Request) -> dict[str, Any]:

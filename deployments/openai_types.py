@@ -186,6 +186,50 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            raise ValueError("token arrays are not supported; send the text")
+        if isinstance(value, list) and any(isinstance(v, list) for v in value):
+            raise ValueError("token arrays are not supported; send the texts")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must contain at least one text")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(texts)}")
+        empty = [i for i, text in enumerate(texts) if not text]
+        if empty:
+            raise ValueError(f"input {empty[0]} is an empty string; every input needs text")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("dimensions is not supported yet: vectors keep the model's size")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
 class PreloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from ray.serve import Deployment
 
+from deployments.embeddings import EmbeddingsModel
 from deployments.text import TextModel
+from policies.detection import EMBEDDINGS as EMBEDDINGS_TYPE
 from policies.detection import TEXT
 
 CHAT = "chat/completions"
@@ -32,4 +34,5 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     TEXT: ModelKind(TextModel, Capabilities(frozenset({CHAT, COMPLETIONS}))),
+    EMBEDDINGS_TYPE: ModelKind(EmbeddingsModel, Capabilities(frozenset({EMBEDDINGS}))),
 }
