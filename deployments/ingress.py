@@ -19,11 +19,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.openai_types import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ImagePart,
     Finish,
     PreloadRequest,
     TextJob,
@@ -32,7 +34,8 @@ from deployments.openai_types import (
     validation_error_to_api_error,
 )
 from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
-from policies.config import INGRESS_NAME, AppConfig, ModelEntry
+from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
+from policies.memory import parse_size
 
 logger = logging.getLogger("ray.serve")
 
@@ -155,6 +158,12 @@ class Ingress:
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
         self.capabilities = capabilities
+        self.image_policy = ImagePolicy(
+            max_side=config.image_max_side,
+            max_bytes=parse_size(config.image_max_bytes),
+            timeout_s=parse_duration(config.image_fetch_timeout),
+            allow_hosts=tuple(config.image_allow_hosts),
+        )
         self.controller = controller
         self.models = models
         self.started = int(time.time())
@@ -183,16 +192,31 @@ class Ingress:
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
         entry = self._entry(body.model, CHAT)
-        if not self.capabilities[entry.type].accepts_images and any(
-            message.has_images() for message in body.messages
-        ):
+        refs = [
+            ImageRef(part.image_url.url, f"messages.{i}.content.{j}.image_url")
+            for i, message in enumerate(body.messages)
+            for j, part in enumerate(message.content if isinstance(message.content, list) else [])
+            if isinstance(part, ImagePart)
+        ]
+        vision = self.capabilities[entry.type].accepts_images
+        if refs and not vision:
             raise ApiError(400, f"Model {entry.id} does not support vision", param="messages")
+        if len(refs) > self.config.max_images_per_request:
+            raise ApiError(
+                400,
+                f"at most {self.config.max_images_per_request} images per request, got {len(refs)}",
+                param="messages",
+            )
         messages = [
             # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": m.parts() if vision else m.text(),
+            }
             for m in body.messages
         ]
-        job = TextJob(sampling=body.sampling(), messages=messages)
+        images = await load_images(refs, self.image_policy) if refs else []
+        job = TextJob(sampling=body.sampling(), messages=messages, images=images)
         return await self._generate(entry, job, Reply(entry.id, chat=True), body)
 
     @app.post("/v1/completions")

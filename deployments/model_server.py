@@ -98,8 +98,9 @@ class ModelServer:
         done = object()
 
         def produce() -> None:
-            iterator = make_iterator()
+            iterator = None
             try:
+                iterator = make_iterator()
                 for item in iterator:
                     if cancelled:
                         break

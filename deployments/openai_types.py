@@ -110,10 +110,19 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
-    def has_images(self) -> bool:
-        return isinstance(self.content, list) and any(
-            isinstance(part, ImagePart) for part in self.content
-        )
+    def images(self) -> list[ImagePart]:
+        if not isinstance(self.content, list):
+            return []
+        return [part for part in self.content if isinstance(part, ImagePart)]
+
+    def parts(self) -> list[dict[str, str]]:
+        """The content as text parts and `{"type": "image"}` placeholders, in order."""
+        if not isinstance(self.content, list):
+            return [{"type": "text", "text": self.text()}]
+        return [
+            {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+            for part in self.content
+        ]
 
 
 class StreamOptions(BaseModel):
@@ -249,11 +258,14 @@ class Sampling:
 
 @dataclass
 class TextJob:
-    """What the ingress asks a text server to generate: chat messages or a raw prompt."""
+    """What the ingress asks a text or vision server to generate: chat messages or a raw
+    prompt. For vision models a message's content may list parts, where each
+    `{"type": "image"}` part stands for the next of `images` (PIL images, in order)."""
 
     sampling: Sampling
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -12,8 +12,9 @@ from ray.serve import Deployment
 
 from deployments.embeddings import EmbeddingsModel
 from deployments.text import TextModel
+from deployments.vision import VisionModel
 from policies.detection import EMBEDDINGS as EMBEDDINGS_TYPE
-from policies.detection import TEXT
+from policies.detection import TEXT, VISION
 
 CHAT = "chat/completions"
 COMPLETIONS = "completions"
@@ -34,5 +35,6 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     TEXT: ModelKind(TextModel, Capabilities(frozenset({CHAT, COMPLETIONS}))),
+    VISION: ModelKind(VisionModel, Capabilities(frozenset({CHAT}), accepts_images=True)),
     EMBEDDINGS_TYPE: ModelKind(EmbeddingsModel, Capabilities(frozenset({EMBEDDINGS}))),
 }

@@ -2,17 +2,64 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 from ray import serve
 
 from deployments.model_server import ModelServer
-from deployments.openai_types import ApiError, Finish, TextJob
+from deployments.openai_types import ApiError, Finish, Sampling, TextJob
 from policies.config import AppConfig, ModelEntry
-from policies.families import adapter_for, render_chat
+from policies.families import FamilyAdapter, adapter_for, render_chat
 from policies.stop_strings import StopMatcher
 
-Event = str | Finish  # a piece of text, then one Finish
+Event = str | Finish  # pieces of text, then one Finish
+
+
+@dataclass
+class Step:
+    """One step of a generator, as the model libraries report it."""
+
+    text: str
+    tokens: int  # generated tokens this step adds to the completion
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
+    """Text pieces cut at the first stop sequence, then one Finish with the token counts."""
+    stops = StopMatcher(stop)
+    tokens = 0
+    for step in steps:
+        tokens += step.tokens
+        text = stops.feed(step.text)
+        if text:
+            yield text
+        if stops.stopped:
+            yield Finish("stop", step.prompt_tokens, tokens)
+            return
+        if step.finish_reason:
+            tail = stops.flush()
+            if tail:
+                yield tail
+            yield Finish(step.finish_reason, step.prompt_tokens, tokens)
+            return
+
+
+def make_sampler(sampling: Sampling, adapter: FamilyAdapter) -> Callable:
+    """mlx-lm's sampler for a request; the family's defaults fill what the client left out.
+
+    Seeds the MLX random state too, so the same seed reproduces the same text.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    return mlx_lm_sampler(
+        temp=adapter.temperature if sampling.temperature is None else sampling.temperature,
+        top_p=adapter.top_p if sampling.top_p is None else sampling.top_p,
+    )
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -58,38 +105,20 @@ class TextModel(ModelServer):
     def _events(self, job: TextJob) -> Iterator[Event]:
         import mlx.core as mx
         from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
         prompt = self._prompt_tokens(job)
-        sampling = job.sampling
-        max_tokens = self._max_tokens(sampling.max_tokens, len(prompt))
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
-        sampler = make_sampler(
-            temp=self.adapter.temperature if sampling.temperature is None else sampling.temperature,
-            top_p=self.adapter.top_p if sampling.top_p is None else sampling.top_p,
-        )
-        stops = StopMatcher(sampling.stop)
-        tokens = 0
-        for response in stream_generate(
+        max_tokens = self._max_tokens(job.sampling.max_tokens, len(prompt))
+        sampler = make_sampler(job.sampling, self.adapter)
+        responses = stream_generate(
             self.model, self.tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler
-        ):
-            # Every response carries one generated token; the end-of-sequence token is not
-            # part of the completion, so it is not counted.
-            ended_by_eos = response.finish_reason == "stop"
-            tokens += 0 if ended_by_eos else 1
-            text = stops.feed(response.text)
-            if text:
-                yield text
-            if stops.stopped:
-                yield Finish("stop", len(prompt), tokens)
-                return
-            if response.finish_reason:
-                tail = stops.flush()
-                if tail:
-                    yield tail
-                yield Finish(response.finish_reason, len(prompt), tokens)
-                return
+        )
+        # mlx-lm's responses carry one token each; an end-of-sequence token is not part of
+        # the completion, so the response that reports it counts no token.
+        steps = (
+            Step(r.text, 0 if r.finish_reason == "stop" else 1, r.finish_reason, len(prompt))
+            for r in responses
+        )
+        return completion_events(steps, job.sampling.stop)
 
     def _prompt_tokens(self, job: TextJob) -> list[int]:
         tokenizer = self.tokenizer

@@ -79,6 +79,13 @@ class AppConfig(BaseModel):
     models: list[ModelSpec] = Field(min_length=1)
     memory_limit: Limit = "75%"
     image_max_side: int = Field(default=2048, ge=64, le=16384)
+    image_max_bytes: Size = Field(default="20MB", description="Largest image, encoded.")
+    image_fetch_timeout: Duration = Field(default="10s", description="Per attempt, per image URL.")
+    max_images_per_request: int = Field(default=16, ge=1)
+    image_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts, IPs or CIDR networks image URLs may reach although private (LAN).",
+    )
     admin_api_key: str | None = None
     allow_download: bool = Field(
         default=False, description="Download hub models missing from the local cache at load."

@@ -22,7 +22,8 @@ def test_list_models_shows_the_catalog(client, http):
     assert families == {"tiny-llama": "llama", "tiny-qwen2": "qwen", "tiny-mistral": "mistral", "tiny-gemma": "gemma"}
     for card in cards.values():
         assert card["object"] == "model"
-        assert card["type"] == ("embeddings" if card["id"] == "all-MiniLM-L6-v2" else "text-generation")
+        kinds = {"all-MiniLM-L6-v2": "embeddings", "tiny-qwen2-vl": "vision"}
+        assert card["type"] == kinds.get(card["id"], "text-generation")
         assert card["status"] in ("loaded", "loading", "unloaded")
         assert card["pinned"] is False
     assert http.get("/v1/models/tiny-qwen2").json()["id"] == "tiny-qwen2"

@@ -1,0 +1,84 @@
+"""Vision chat with mlx-vlm: images and text in message order, plain or streamed."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+from ray import serve
+
+from deployments.model_server import ModelServer
+from deployments.openai_types import ApiError, Finish, TextJob
+from deployments.text import Event, Step, completion_events, make_sampler
+from policies.config import AppConfig, ModelEntry
+from policies.families import adapter_for
+
+# Families whose models were trained with a single image per conversation.
+SINGLE_IMAGE_FAMILIES = {"llava", "paligemma", "florence2"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class VisionModel(ModelServer):
+    def __init__(self, entry: ModelEntry, config: AppConfig):
+        super().__init__(entry, config)
+        self.default_max_tokens = config.default_max_tokens
+        self.adapter = adapter_for(entry.family)
+        self.model = None
+        self.processor = None
+
+    async def generate(self, job: TextJob) -> tuple[str, Finish]:
+        pieces: list[str] = []
+        async for event in self.stream(job):
+            if isinstance(event, Finish):
+                return "".join(pieces), event
+            pieces.append(event)
+        raise RuntimeError("generation ended without a finish event")
+
+    async def stream(self, job: TextJob) -> AsyncIterator[Event]:
+        self.require_loaded()
+        if len(job.images) > 1 and self.entry.family in SINGLE_IMAGE_FAMILIES:
+            raise ApiError(
+                400,
+                f"Model {self.entry.id} ({self.entry.family}) accepts one image per request; "
+                f"got {len(job.images)}",
+                param="messages",
+            )
+        async for event in self.iterate_mlx(lambda: self._events(job)):
+            yield event
+
+    # -- MLX thread -----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        from mlx_vlm import load
+
+        self.model, self.processor = load(self.entry.path)
+
+    def _release_weights(self) -> None:
+        self.model = self.processor = None
+
+    def _events(self, job: TextJob) -> Iterator[Event]:
+        from mlx_vlm import stream_generate
+        from mlx_vlm.prompt_utils import apply_chat_template
+
+        try:
+            prompt = apply_chat_template(
+                self.processor, self.model.config, job.messages, num_images=len(job.images)
+            )
+        except Exception as error:  # the template's own refusals
+            raise ApiError(
+                400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"
+            ) from None
+        results = stream_generate(
+            self.model,
+            self.processor,
+            prompt,
+            image=job.images or None,
+            max_tokens=job.sampling.max_tokens or self.default_max_tokens,
+            sampler=make_sampler(job.sampling, self.adapter),
+        )
+        # mlx-vlm yields one result per generated token, then a last one that only flushes
+        # text and carries the finish reason.
+        steps = (
+            Step(r.text, 0 if r.finish_reason else 1, r.finish_reason, r.prompt_tokens)
+            for r in results
+        )
+        return completion_events(steps, job.sampling.stop)
