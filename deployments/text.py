@@ -1,12 +1,15 @@
-"""Text generation with mlx-lm: chat templates, sampling, stop sequences, streaming."""
+"""Text generation with mlx-lm: chat templates, sampling, stop sequences, streaming, and
+continuous batching of concurrent requests."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from functools import partial
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
 from ray import serve
 
+from deployments.batching import BatchEngine, Sequence, Step
 from deployments.model_server import ModelServer
 from deployments.openai_types import ApiError, Finish, Sampling, TextJob
 from policies.config import AppConfig, ModelEntry
@@ -16,37 +19,41 @@ from policies.stop_strings import StopMatcher
 Event = str | Finish  # pieces of text, then one Finish
 
 
-@dataclass
-class Step:
-    """One step of a generator, as the model libraries report it."""
+class CompletionTracker:
+    """Turns generator steps into text pieces cut at the first stop sequence, then one
+    Finish with the token counts."""
 
-    text: str
-    tokens: int  # generated tokens this step adds to the completion
-    finish_reason: str | None
-    prompt_tokens: int
+    def __init__(self, stop: list[str]):
+        self.stops = StopMatcher(stop)
+        self.tokens = 0
+        self.finished = False
+
+    def feed(self, step: Step) -> list[Event]:
+        self.tokens += step.tokens
+        events: list[Event] = []
+        text = self.stops.feed(step.text)
+        if text:
+            events.append(text)
+        if self.stops.stopped:
+            events.append(Finish("stop", step.prompt_tokens, self.tokens))
+        elif step.finish_reason:
+            tail = self.stops.flush()
+            if tail:
+                events.append(tail)
+            events.append(Finish(step.finish_reason, step.prompt_tokens, self.tokens))  # type: ignore[arg-type]
+        self.finished = isinstance(events[-1], Finish) if events else False
+        return events
 
 
 def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
-    """Text pieces cut at the first stop sequence, then one Finish with the token counts."""
-    stops = StopMatcher(stop)
-    tokens = 0
+    tracker = CompletionTracker(stop)
     for step in steps:
-        tokens += step.tokens
-        text = stops.feed(step.text)
-        if text:
-            yield text
-        if stops.stopped:
-            yield Finish("stop", step.prompt_tokens, tokens)
-            return
-        if step.finish_reason:
-            tail = stops.flush()
-            if tail:
-                yield tail
-            yield Finish(step.finish_reason, step.prompt_tokens, tokens)
+        yield from tracker.feed(step)
+        if tracker.finished:
             return
 
 
-def make_sampler(sampling: Sampling, adapter: FamilyAdapter) -> Callable:
+def make_sampler(adapter: FamilyAdapter, sampling: Sampling) -> Callable:
     """mlx-lm's sampler for a request; the family's defaults fill what the client left out.
 
     Seeds the MLX random state too, so the same seed reproduces the same text.
@@ -70,6 +77,7 @@ class TextModel(ModelServer):
         self.adapter = adapter_for(entry.family)
         self.model = None
         self.tokenizer = None
+        self.engine: BatchEngine | None = None
         self.context_length: int | None = None
 
     async def generate(self, job: TextJob) -> tuple[str, Finish]:
@@ -82,8 +90,39 @@ class TextModel(ModelServer):
 
     async def stream(self, job: TextJob) -> AsyncIterator[Event]:
         self.require_loaded()
-        async for event in self.iterate_mlx(lambda: self._events(job)):
-            yield event
+        prompt = self._prompt_tokens(job)
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        sequence = Sequence(
+            prompt=prompt,
+            max_tokens=self._max_tokens(job.sampling.max_tokens, len(prompt)),
+            sampling=job.sampling,
+            emit=lambda item: loop.call_soon_threadsafe(steps.put_nowait, item),
+        )
+        self.engine.submit(sequence)
+        tracker = CompletionTracker(job.sampling.stop)
+        try:
+            while not tracker.finished:
+                # Take every step that is already waiting: when tokens come faster than
+                # chunks travel, one chunk carries several tokens.
+                batch = [await steps.get()]
+                while not steps.empty():
+                    batch.append(steps.get_nowait())
+                text: list[str] = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    for event in tracker.feed(item):
+                        if isinstance(event, Finish):
+                            if text:
+                                yield "".join(text)
+                            yield event
+                            return
+                        text.append(event)
+                if text:
+                    yield "".join(text)
+        finally:
+            sequence.cancelled = True  # the engine drops it from the batch, if still there
 
     # -- MLX thread -----------------------------------------------------------------------
 
@@ -98,27 +137,14 @@ class TextModel(ModelServer):
         for token in self.adapter.stop_tokens:
             if token in vocab:
                 self.tokenizer.add_eos_token(token)
+        self.engine = BatchEngine(
+            self.model, self.tokenizer, self._mlx, partial(make_sampler, self.adapter)
+        )
 
     def _release_weights(self) -> None:
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.engine = None
 
-    def _events(self, job: TextJob) -> Iterator[Event]:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-
-        prompt = self._prompt_tokens(job)
-        max_tokens = self._max_tokens(job.sampling.max_tokens, len(prompt))
-        sampler = make_sampler(job.sampling, self.adapter)
-        responses = stream_generate(
-            self.model, self.tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler
-        )
-        # mlx-lm's responses carry one token each; an end-of-sequence token is not part of
-        # the completion, so the response that reports it counts no token.
-        steps = (
-            Step(r.text, 0 if r.finish_reason == "stop" else 1, r.finish_reason, len(prompt))
-            for r in responses
-        )
-        return completion_events(steps, job.sampling.stop)
+    # -- prompt ---------------------------------------------------------------------------
 
     def _prompt_tokens(self, job: TextJob) -> list[int]:
         tokenizer = self.tokenizer

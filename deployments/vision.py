@@ -8,7 +8,8 @@ from ray import serve
 
 from deployments.model_server import ModelServer
 from deployments.openai_types import ApiError, Finish, TextJob
-from deployments.text import Event, Step, completion_events, make_sampler
+from deployments.batching import Step
+from deployments.text import Event, completion_events, make_sampler
 from policies.config import AppConfig, ModelEntry
 from policies.families import adapter_for
 
@@ -73,7 +74,7 @@ class VisionModel(ModelServer):
             prompt,
             image=job.images or None,
             max_tokens=job.sampling.max_tokens or self.default_max_tokens,
-            sampler=make_sampler(job.sampling, self.adapter),
+            sampler=make_sampler(self.adapter, job.sampling),
         )
         # mlx-vlm yields one result per generated token, then a last one that only flushes
         # text and carries the finish reason.

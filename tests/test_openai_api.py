@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -139,3 +140,40 @@ def test_max_completion_tokens_is_honoured(client):
 
 def test_health(http):
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_concurrent_requests_are_batched_and_match_sequential_answers(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    topics = ["cats", "ships", "rain", "bread", "Paris", "robots"]
+
+    def ask(topic):
+        reply = client.chat.completions.create(
+            model="tiny-qwen2", messages=[{"role": "user", "content": f"Tell me about {topic}"}],
+            max_tokens=12, temperature=0,
+        )
+        return reply.choices[0].message.content, reply.usage.completion_tokens
+
+    sequential = [ask(topic) for topic in topics]
+    with ThreadPoolExecutor(len(topics)) as pool:
+        concurrent = list(pool.map(ask, topics))
+    assert concurrent == sequential
+    assert all(tokens == 12 for _, tokens in concurrent)
+
+
+def test_client_that_disconnects_mid_stream_frees_the_model(http):
+    body = {"model": "tiny-llama", "messages": USER, "max_tokens": 4000, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        for _, _line in zip(range(3), response.iter_lines()):
+            pass
+    # The abandoned generation stops; the model is free and serves the next request.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        view = http.get("/admin/models").json()
+        if next(m for m in view["models"] if m["id"] == "tiny-llama")["in_flight"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the disconnected request still counts as in flight")
+    reply = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert reply.json()["usage"]["completion_tokens"] == 3

@@ -1,0 +1,165 @@
+"""Continuous batching for text generation: concurrent requests share decode steps.
+
+One engine per loaded text model runs on the replica's MLX thread. Requests join the
+running batch as they arrive (mlx-lm's `BatchGenerator`, the machinery `mlx_lm.server`
+uses) and leave it when they finish or their client goes away. Requests with a `seed` run
+alone: a seed sets MLX's global random state, which batch neighbours would share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from deployments.openai_types import Sampling
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Step:
+    """One step of a generator, as the model libraries report it."""
+
+    text: str
+    tokens: int  # generated tokens this step adds to the completion
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine. `emit` must be safe to call from the MLX thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable[[Step | BaseException], None]
+    cancelled: bool = False
+    detokenizer: Any = field(default=None, repr=False)
+
+    def step(self, text: str, tokens: int, finish_reason: str | None) -> None:
+        self.emit(Step(text, tokens, finish_reason, len(self.prompt)))
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        executor: Executor,
+        make_sampler: Callable[[Sampling], Callable],
+        max_batch: int = 32,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.make_sampler = make_sampler
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._incoming: deque[Sequence] = deque()
+        self._running = False
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._lock:
+            self._incoming.append(sequence)
+            start, self._running = not self._running, True
+        if start:
+            self.executor.submit(self._run)
+
+    # -- MLX thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Serve until no request is left, then give the MLX thread back."""
+        from mlx_lm.generate import BatchGenerator
+
+        generator = None
+        active: dict[int, Sequence] = {}
+        batchable: deque[Sequence] = deque()
+        seeded: deque[Sequence] = deque()
+        try:
+            while True:
+                with self._lock:
+                    for sequence in self._incoming:
+                        (batchable if sequence.sampling.seed is None else seeded).append(sequence)
+                    self._incoming.clear()
+                    if not (active or batchable or seeded):
+                        self._running = False
+                        return
+                # A seeded request waiting closes the batch to newcomers until it has run,
+                # so that a steady stream of requests cannot starve it.
+                while batchable and not seeded:
+                    sequence = batchable.popleft()
+                    if sequence.cancelled:
+                        continue
+                    if generator is None:
+                        generator = BatchGenerator(
+                            self.model,
+                            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+                            completion_batch_size=self.max_batch,
+                        )
+                    (uid,) = generator.insert(
+                        [sequence.prompt],
+                        [sequence.max_tokens],
+                        samplers=[self.make_sampler(sequence.sampling)],
+                    )
+                    sequence.detokenizer = self.tokenizer.detokenizer
+                    active[uid] = sequence
+                gone = [uid for uid, sequence in active.items() if sequence.cancelled]
+                if gone:
+                    generator.remove(gone)
+                    for uid in gone:
+                        del active[uid]
+                if not active:
+                    if seeded:
+                        sequence = seeded.popleft()
+                        if not sequence.cancelled:
+                            self._run_alone(sequence)
+                    continue
+                _, responses = generator.next()
+                for response in responses:
+                    self._deliver(active, response)
+        except BaseException as error:  # fail every waiting request, never hang one
+            logger.exception("text generation failed")
+            with self._lock:
+                waiting = [*active.values(), *batchable, *seeded, *self._incoming]
+                self._incoming.clear()
+                self._running = False
+            for sequence in waiting:
+                sequence.emit(error)
+        finally:
+            if generator is not None:
+                generator.close()
+
+    def _deliver(self, active: dict[int, Sequence], response: Any) -> None:
+        sequence = active[response.uid]
+        detokenizer = sequence.detokenizer
+        # The end-of-sequence token is not part of the completion: neither text nor count.
+        if response.finish_reason != "stop":
+            detokenizer.add_token(response.token)
+        if response.finish_reason:
+            detokenizer.finalize()
+            del active[response.uid]
+        counted = 0 if response.finish_reason == "stop" else 1
+        sequence.step(detokenizer.last_segment, counted, response.finish_reason)
+
+    def _run_alone(self, sequence: Sequence) -> None:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+
+        sampler = self.make_sampler(sequence.sampling)
+        responses = stream_generate(
+            self.model, self.tokenizer, mx.array(sequence.prompt), sequence.max_tokens, sampler=sampler
+        )
+        try:
+            for response in responses:
+                if sequence.cancelled:
+                    break
+                # stream_generate reports the end-of-sequence token in its last response.
+                counted = 0 if response.finish_reason == "stop" else 1
+                sequence.step(response.text, counted, response.finish_reason)
+        finally:
+            responses.close()
