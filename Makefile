@@ -26,5 +26,8 @@ serve: models
 test: models
 	$(PY) -m pytest
 
+bench: models
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) models

@@ -69,16 +69,14 @@ def make_sampler(adapter: FamilyAdapter, sampling: Sampling) -> Callable:
     )
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class TextModel(ModelServer):
+class GenerativeServer(ModelServer):
+    """What text and vision servers share: family settings, and `generate` as the whole of
+    `stream`, so that plain and streamed answers are the same by construction."""
+
     def __init__(self, entry: ModelEntry, config: AppConfig):
         super().__init__(entry, config)
         self.default_max_tokens = config.default_max_tokens
         self.adapter = adapter_for(entry.family)
-        self.model = None
-        self.tokenizer = None
-        self.engine: BatchEngine | None = None
-        self.context_length: int | None = None
 
     async def generate(self, job: TextJob) -> tuple[str, Finish]:
         pieces: list[str] = []
@@ -87,6 +85,19 @@ class TextModel(ModelServer):
                 return "".join(pieces), event
             pieces.append(event)
         raise RuntimeError("generation ended without a finish event")
+
+    def stream(self, job: TextJob) -> AsyncIterator[Event]:
+        raise NotImplementedError
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class TextModel(GenerativeServer):
+    def __init__(self, entry: ModelEntry, config: AppConfig):
+        super().__init__(entry, config)
+        self.model = None
+        self.tokenizer = None
+        self.engine: BatchEngine | None = None
+        self.context_length: int | None = None
 
     async def stream(self, job: TextJob) -> AsyncIterator[Event]:
         self.require_loaded()

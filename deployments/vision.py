@@ -6,33 +6,21 @@ from typing import AsyncIterator, Iterator
 
 from ray import serve
 
-from deployments.model_server import ModelServer
-from deployments.openai_types import ApiError, Finish, TextJob
 from deployments.batching import Step
-from deployments.text import Event, completion_events, make_sampler
+from deployments.openai_types import ApiError, TextJob
+from deployments.text import Event, GenerativeServer, completion_events, make_sampler
 from policies.config import AppConfig, ModelEntry
-from policies.families import adapter_for
 
 # Families whose models were trained with a single image per conversation.
 SINGLE_IMAGE_FAMILIES = {"llava", "paligemma", "florence2"}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-class VisionModel(ModelServer):
+class VisionModel(GenerativeServer):
     def __init__(self, entry: ModelEntry, config: AppConfig):
         super().__init__(entry, config)
-        self.default_max_tokens = config.default_max_tokens
-        self.adapter = adapter_for(entry.family)
         self.model = None
         self.processor = None
-
-    async def generate(self, job: TextJob) -> tuple[str, Finish]:
-        pieces: list[str] = []
-        async for event in self.stream(job):
-            if isinstance(event, Finish):
-                return "".join(pieces), event
-            pieces.append(event)
-        raise RuntimeError("generation ended without a finish event")
 
     async def stream(self, job: TextJob) -> AsyncIterator[Event]:
         self.require_loaded()
