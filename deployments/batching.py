@@ -52,13 +52,21 @@ class BatchEngine:
         tokenizer: Any,
         executor: Executor,
         make_sampler: Callable[[Sampling], Callable],
+        prompt_cache_bytes: int = 0,
         max_batch: int = 32,
     ):
+        from mlx_lm.models.cache import LRUPromptCache
+
         self.model = model
         self.tokenizer = tokenizer
         self.executor = executor
         self.make_sampler = make_sampler
         self.max_batch = max_batch
+        # KV caches of finished requests, keyed by their tokens: the next turn of a chat
+        # starts from its longest cached prefix instead of reading the whole prompt again.
+        self.prompt_cache = (
+            LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
+        )
         self._lock = threading.Lock()
         self._incoming: deque[Sequence] = deque()
         self._running = False
@@ -101,9 +109,12 @@ class BatchEngine:
                             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
                             completion_batch_size=self.max_batch,
                         )
+                    cache, rest = self._cached_prefix(sequence.prompt)
                     (uid,) = generator.insert(
-                        [sequence.prompt],
+                        [rest],
                         [sequence.max_tokens],
+                        caches=[cache],
+                        all_tokens=[sequence.prompt[: len(sequence.prompt) - len(rest)]],
                         samplers=[self.make_sampler(sequence.sampling)],
                     )
                     sequence.detokenizer = self.tokenizer.detokenizer
@@ -143,8 +154,26 @@ class BatchEngine:
         if response.finish_reason:
             detokenizer.finalize()
             del active[response.uid]
+            if self.prompt_cache is not None:
+                self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
         counted = 0 if response.finish_reason == "stop" else 1
         sequence.step(detokenizer.last_segment, counted, response.finish_reason)
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """The KV cache of the longest cached prefix of `prompt`, and the tokens after it."""
+        if self.prompt_cache is None:
+            return None, prompt
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(None, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but generation needs one token to read: re-read
+            # the last one.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def _run_alone(self, sequence: Sequence) -> None:
         import mlx.core as mx

@@ -30,15 +30,17 @@ class LoadReport:
     weights_bytes: int  # MLX memory the weights took (active-memory delta)
     process_bytes: int  # resident memory of the whole replica process after load
     process_before_bytes: int  # the same before loading
+    reserved_bytes: int = 0  # what the server may still grow into (its prompt cache budget)
 
     @property
     def bytes(self) -> int:
-        """What the model costs: its process, weights included.
+        """What the model costs: its process, weights included, and what it may grow into.
 
         On the CPU backend the weights are in the process's resident memory; Metal buffers
         may not be, so the weights are also added to the process size before loading.
         """
-        return max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
+        measured = max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
+        return measured + self.reserved_bytes
 
 
 class ModelServer:
@@ -52,6 +54,7 @@ class ModelServer:
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")
         self._load_lock = asyncio.Lock()
         self._report: LoadReport | None = None
+        self.reserved_bytes = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class ModelServer:
             weights_bytes=max(0, mx.get_active_memory() - before),
             process_bytes=process.memory_info().rss,
             process_before_bytes=rss_before,
+            reserved_bytes=self.reserved_bytes,
         )
 
     def _free(self) -> None:

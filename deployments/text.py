@@ -98,6 +98,7 @@ class TextModel(GenerativeServer):
         self.tokenizer = None
         self.engine: BatchEngine | None = None
         self.context_length: int | None = None
+        self.prompt_cache_bytes = self.reserved_bytes = config.prompt_cache_bytes
 
     async def stream(self, job: TextJob) -> AsyncIterator[Event]:
         self.require_loaded()
@@ -149,7 +150,11 @@ class TextModel(GenerativeServer):
             if token in vocab:
                 self.tokenizer.add_eos_token(token)
         self.engine = BatchEngine(
-            self.model, self.tokenizer, self._mlx, partial(make_sampler, self.adapter)
+            self.model,
+            self.tokenizer,
+            self._mlx,
+            partial(make_sampler, self.adapter),
+            prompt_cache_bytes=self.prompt_cache_bytes,
         )
 
     def _release_weights(self) -> None:

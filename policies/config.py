@@ -95,6 +95,10 @@ class AppConfig(BaseModel):
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests one model replica accepts before callers queue."
     )
+    prompt_cache_size: Size | None = Field(
+        default="512MB",
+        description="KV caches kept per text model for reuse by the next turn; null: none.",
+    )
     replica_overhead: Size = Field(
         default="200MB", description="Memory of a model replica's process before any weights."
     )
@@ -124,6 +128,10 @@ class AppConfig(BaseModel):
     @property
     def max_request_bytes(self) -> int:
         return parse_size(self.max_request_size)
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return 0 if self.prompt_cache_size is None else parse_size(self.prompt_cache_size)
 
     @property
     def replica_overhead_bytes(self) -> int:
