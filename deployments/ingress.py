@@ -167,6 +167,7 @@ class Ingress:
         self.controller = controller
         self.models = models
         self.started = int(time.time())
+        self._releases: set[asyncio.Task] = set()
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class Ingress:
         try:
             embedded = await self.models[entry.id].embed.remote(body.texts)
         finally:
-            await self._release(entry.id)
+            self._release(entry.id)
         return {
             "object": "list",
             "data": [
@@ -357,7 +358,7 @@ class Ingress:
             try:
                 text, finish = await handle.generate.remote(job)
             finally:
-                await self._release(entry.id)
+                self._release(entry.id)
             return reply.full(text, finish)
         events = handle.options(stream=True).stream.remote(job)
         try:
@@ -366,7 +367,7 @@ class Ingress:
             first = await events.__anext__()
         except BaseException:
             events.cancel()
-            await self._release(entry.id)
+            self._release(entry.id)
             raise
         return StreamingResponse(
             self._sse(entry.id, first, events, reply, body.include_usage),
@@ -399,8 +400,17 @@ class Ingress:
                 api_error = ApiError(500, f"Generation failed: {type(error).__name__}", "server_error")
             yield sse(api_error.body())
         finally:
-            await self._release(model_id)
+            self._release(model_id)
 
-    async def _release(self, model_id: str) -> None:
-        # Shielded: a client that disconnects must not leave the model counted as busy.
-        await asyncio.shield(self.controller.release.remote(model_id))
+    def _release(self, model_id: str) -> None:
+        """Tell the controller a request ended, without making the client wait for it.
+
+        A task of its own: a client that disconnects (which cancels the request's task)
+        must not leave the model counted as busy.
+        """
+        task = asyncio.get_running_loop().create_task(self._send_release(model_id))
+        self._releases.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._releases.discard)
+
+    async def _send_release(self, model_id: str) -> None:
+        await self.controller.release.remote(model_id)

@@ -1,0 +1,117 @@
+"""Latency: a one-token chat through the server, against the same work in-process.
+
+    python -m bench.latency [--repeats N]
+
+Per repeat, 100 rounds one after another on one keep-alive connection; each round runs,
+interleaved so that all see the same machine load:
+
+* server, end to end: a non-streaming chat with `max_tokens: 1`, from sending to the answer.
+* server, time to first token: the same chat streaming, to its first content chunk.
+* in-process: render the chat template, tokenize and `mlx_lm.generate` one token in this
+  process; what the replica computes for the request, without HTTP, JSON and Ray.
+
+Each repeat yields a p50 and a p99 per mode; the table shows those over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import httpx
+from mlx_lm import generate, load
+from mlx_lm.sample_utils import make_sampler
+
+from bench.common import ROOT, Summary, serve_app, summarize, write_result
+from bench.throughput import MESSAGES, chat_body, stream_chat, wait_until_loaded
+
+MODEL_ID = "tiny"
+MODEL_PATH = "models/tiny-llama"
+APP_ARGS = {
+    "models": [{"id": MODEL_ID, "path": MODEL_PATH, "pinned": True}],
+    # Every request sends the same prompt: with the prompt cache the server would read it
+    # only once, and answer with less work than the in-process reference does.
+    "prompt_cache_size": None,
+}
+ROUNDS = 100
+WARM_UP_ROUNDS = 10
+
+
+def e2e_seconds(client: httpx.Client) -> float:
+    started = time.perf_counter()
+    response = client.post("/v1/chat/completions", json=chat_body(MODEL_ID, 1, stream=False))
+    seconds = time.perf_counter() - started
+    tokens = response.raise_for_status().json()["usage"]["completion_tokens"]
+    if tokens != 1:
+        raise RuntimeError(f"expected one completion token, got {tokens}")
+    return seconds
+
+
+def ttft_seconds(client: httpx.Client) -> float:
+    # The rest of a one-token stream (finish and usage chunks) is read too, so the replica
+    # is idle again before the next request.
+    return stream_chat(client, MODEL_ID, max_tokens=1).ttft_s
+
+
+def in_process_seconds(model: Any, tokenizer: Any) -> float:
+    """Template, tokenization and one greedy token, as the replica does them for a request."""
+    started = time.perf_counter()
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    # The template writes BOS itself; encoding must not add a second one.
+    prompt = tokenizer.encode(rendered, add_special_tokens=False)
+    text = generate(model, tokenizer, prompt, max_tokens=1, sampler=make_sampler(temp=0.0))
+    seconds = time.perf_counter() - started
+    if not text:
+        raise RuntimeError("in-process generation produced no text")
+    return seconds
+
+
+def p99(samples: Sequence[float]) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[98]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    repeats = parser.parse_args().repeats
+    run_started = time.perf_counter()
+
+    model, tokenizer = load(str(ROOT / MODEL_PATH))
+    # Figure name -> one sample (milliseconds) per repeat, in the order the table lists them.
+    samples: dict[str, list[float]] = defaultdict(list)
+    with serve_app(APP_ARGS) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+        wait_until_loaded(client, MODEL_ID)
+        modes: dict[str, Callable[[], float]] = {
+            "server_e2e": lambda: e2e_seconds(client),
+            "server_ttft": lambda: ttft_seconds(client),
+            "in_process": lambda: in_process_seconds(model, tokenizer),
+        }
+        # Untimed: the connection, first-call costs and MLX's first graph of each mode.
+        for _ in range(WARM_UP_ROUNDS):
+            for run in modes.values():
+                run()
+        for repeat in range(1, repeats + 1):
+            times_ms: dict[str, list[float]] = {name: [] for name in modes}
+            for _ in range(ROUNDS):
+                for name, run in modes.items():
+                    times_ms[name].append(run() * 1000)
+            for name, times in times_ms.items():
+                samples[f"{name}_p50_ms"].append(statistics.median(times))
+                samples[f"{name}_p99_ms"].append(p99(times))
+            listed = ", ".join(f"{name} {values[-1]:.2f}" for name, values in samples.items())
+            print(f"repeat {repeat}/{repeats} ({ROUNDS} rounds): {listed}", flush=True)
+
+    figures: dict[str, Summary | float] = {name: summarize(v) for name, v in samples.items()}
+    # Medians over the repeats: one slow repeat (the machine is shared) should not move it.
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    figures["overhead_p50_ms"] = median["server_e2e_p50_ms"] - median["in_process_p50_ms"]
+    print()
+    write_result("latency", figures)
+    print(f"total run time {time.perf_counter() - run_started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
