@@ -22,6 +22,7 @@ SUITE: dict[str, int | None] = {
     "cold_start": 3,
     "throughput": 2,
     "latency": 2,
+    "prompt_cache": 3,
     "embeddings": 3,
     "memory": None,
 }
