@@ -23,6 +23,7 @@ SUITE: dict[str, int | None] = {
     "throughput": 2,
     "latency": 2,
     "prompt_cache": 3,
+    "hops": 2,
     "embeddings": 3,
     "memory": None,
 }
