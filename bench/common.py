@@ -13,7 +13,6 @@ import os
 import platform
 import socket
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone

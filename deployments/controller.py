@@ -163,9 +163,7 @@ class Controller:
         if state.status != LOADED or not self._ready.is_set():
             state.waiting += 1
             try:
-                await self._ready.wait()
-                while state.status != LOADED:
-                    await asyncio.shield(self._single_flight_load(model_id))
+                await self._loaded(state)
             finally:
                 state.waiting -= 1
         state.in_flight += 1
@@ -213,9 +211,7 @@ class Controller:
         was_pinned = state.pinned
         state.pinned = state.pinned or pin
         try:
-            await self._ready.wait()
-            while state.status != LOADED:
-                await asyncio.shield(self._single_flight_load(model_id))
+            await self._loaded(state)
         except BaseException:
             state.pinned = was_pinned
             raise
@@ -242,6 +238,15 @@ class Controller:
         if state is None:
             raise model_not_found(model_id)
         return state
+
+    async def _loaded(self, state: ModelState) -> None:
+        """Return once the model is loaded, loading it if needed (one load for all callers).
+
+        Loops because a model loaded for us can be evicted again before we resume.
+        """
+        await self._ready.wait()
+        while state.status != LOADED:
+            await asyncio.shield(self._single_flight_load(state.entry.id))
 
     def _single_flight_load(self, model_id: str) -> asyncio.Task:
         task = self._loading.get(model_id)

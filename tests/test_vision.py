@@ -15,7 +15,7 @@ import pytest
 import ray
 from PIL import Image
 
-from tests.conftest import default_app_args, run_app
+from tests.conftest import run_app
 
 VL = "tiny-qwen2-vl"
 CHAT = "/v1/chat/completions"
