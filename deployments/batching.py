@@ -44,6 +44,13 @@ class Sequence:
     def step(self, text: str, tokens: int, finish_reason: str | None) -> None:
         self.emit(Step(text, tokens, finish_reason, len(self.prompt)))
 
+    def fail(self, error: BaseException) -> None:
+        """End this sequence with an error for its client; nothing else is touched."""
+        if not self.cancelled:
+            logger.warning("a sequence failed alone: %r", error)
+        self.cancelled = True
+        self.emit(error)
+
 
 class BatchEngine:
     def __init__(
@@ -81,9 +88,12 @@ class BatchEngine:
     # -- MLX thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Serve until no request is left, then give the MLX thread back."""
-        from mlx_lm.generate import BatchGenerator
+        """Serve until no request is left, then give the MLX thread back.
 
+        A failure that belongs to one sequence (its sampler, its prompt, its text) fails
+        that sequence only; a failed decode step fails the sequences that were in it and
+        the engine starts a fresh batch for the others.
+        """
         generator = None
         active: dict[int, Sequence] = {}
         batchable: deque[Sequence] = deque()
@@ -104,21 +114,11 @@ class BatchEngine:
                     if sequence.cancelled:
                         continue
                     if generator is None:
-                        generator = BatchGenerator(
-                            self.model,
-                            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
-                            completion_batch_size=self.max_batch,
-                        )
-                    cache, rest = self._cached_prefix(sequence.prompt)
-                    (uid,) = generator.insert(
-                        [rest],
-                        [sequence.max_tokens],
-                        caches=[cache],
-                        all_tokens=[sequence.prompt[: len(sequence.prompt) - len(rest)]],
-                        samplers=[self.make_sampler(sequence.sampling)],
-                    )
-                    sequence.detokenizer = self.tokenizer.detokenizer
-                    active[uid] = sequence
+                        generator = self._new_generator()
+                    try:
+                        active[self._insert(generator, sequence)] = sequence
+                    except Exception as error:
+                        sequence.fail(error)
                 gone = [uid for uid, sequence in active.items() if sequence.cancelled]
                 if gone:
                     generator.remove(gone)
@@ -130,30 +130,69 @@ class BatchEngine:
                         if not sequence.cancelled:
                             self._run_alone(sequence)
                     continue
-                _, responses = generator.next()
+                try:
+                    _, responses = generator.next()
+                except Exception as error:
+                    logger.exception("a decode step failed; failing its %d sequences", len(active))
+                    for sequence in active.values():
+                        sequence.fail(error)
+                    active.clear()
+                    generator.close()
+                    generator = None
+                    continue
                 for response in responses:
-                    self._deliver(active, response)
-        except BaseException as error:  # fail every waiting request, never hang one
-            logger.exception("text generation failed")
+                    sequence = active[response.uid]
+                    try:
+                        self._deliver(sequence, response)
+                    except Exception as error:
+                        if not response.finish_reason:  # still in the batch: take it out
+                            generator.remove([response.uid])
+                        del active[response.uid]
+                        sequence.fail(error)
+                        continue
+                    if response.finish_reason:
+                        del active[response.uid]
+        except BaseException as error:  # the engine itself broke: fail everyone, hang no one
+            logger.exception("text generation engine failed")
             with self._lock:
                 waiting = [*active.values(), *batchable, *seeded, *self._incoming]
                 self._incoming.clear()
                 self._running = False
             for sequence in waiting:
-                sequence.emit(error)
+                sequence.fail(error)
         finally:
             if generator is not None:
                 generator.close()
 
-    def _deliver(self, active: dict[int, Sequence], response: Any) -> None:
-        sequence = active[response.uid]
+    def _new_generator(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
+            completion_batch_size=self.max_batch,
+        )
+
+    def _insert(self, generator: Any, sequence: Sequence) -> int:
+        sampler = self.make_sampler(sequence.sampling)
+        cache, rest = self._cached_prefix(sequence.prompt)
+        (uid,) = generator.insert(
+            [rest],
+            [sequence.max_tokens],
+            caches=[cache],
+            all_tokens=[sequence.prompt[: len(sequence.prompt) - len(rest)]],
+            samplers=[sampler],
+        )
+        sequence.detokenizer = self.tokenizer.detokenizer
+        return uid
+
+    def _deliver(self, sequence: Sequence, response: Any) -> None:
         detokenizer = sequence.detokenizer
         # The end-of-sequence token is not part of the completion: neither text nor count.
         if response.finish_reason != "stop":
             detokenizer.add_token(response.token)
         if response.finish_reason:
             detokenizer.finalize()
-            del active[response.uid]
             if self.prompt_cache is not None:
                 self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
         counted = 0 if response.finish_reason == "stop" else 1
@@ -179,16 +218,20 @@ class BatchEngine:
         import mlx.core as mx
         from mlx_lm import stream_generate
 
-        sampler = self.make_sampler(sequence.sampling)
-        responses = stream_generate(
-            self.model, self.tokenizer, mx.array(sequence.prompt), sequence.max_tokens, sampler=sampler
-        )
+        responses = None
         try:
+            sampler = self.make_sampler(sequence.sampling)
+            responses = stream_generate(
+                self.model, self.tokenizer, mx.array(sequence.prompt), sequence.max_tokens, sampler=sampler
+            )
             for response in responses:
                 if sequence.cancelled:
                     break
                 # stream_generate reports the end-of-sequence token in its last response.
                 counted = 0 if response.finish_reason == "stop" else 1
                 sequence.step(response.text, counted, response.finish_reason)
+        except Exception as error:
+            sequence.fail(error)
         finally:
-            responses.close()
+            if responses is not None:
+                responses.close()

@@ -1,13 +1,16 @@
-"""The memory-aware controller: one deployment that owns which models hold memory.
+"""The memory-aware controller: one deployment that decides which models hold memory.
 
-Every request is bracketed by `acquire(model)` / `release(model)`. Acquire returns once the
-model's replica is up with its weights loaded. A load first plans with
-`policies.eviction`: least recently used, idle, unpinned models are scaled to zero replicas
-(and gone) before the new model's deployment is scaled to one and loads. Concurrent first
-requests share one load. When the model cannot fit even after evicting every candidate,
-acquire raises 503 `insufficient_memory`.
+Its bookkeeping is `policies.ledger.Ledger` (statuses, costs, leases, admission); this
+deployment does the slow work the ledger's decisions call for: scaling model deployments
+between zero and one replica, loading weights, checking on replicas, expiring leases.
 
-State is rebuilt from Serve's real replica counts whenever this replica (re)starts.
+Every request holds a lease from `acquire` to the end of its response. Acquire returns once
+the model's replica is up with its weights. A load evicts least recently used idle models,
+waits (up to `load_wait_timeout`) for busy or loading ones, and answers 503
+`insufficient_memory` only for what cannot fit even when every unpinned model is gone.
+
+State is rebuilt from what Serve really runs whenever this replica (re)starts: models with
+weights are adopted with the leases their replicas are serving, starting ones finish loading.
 """
 
 from __future__ import annotations
@@ -15,57 +18,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import psutil
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from deployments.model_server import ReplicaState
 from deployments.openai_types import ApiError, model_not_found
 from deployments.scaler import ReplicaScaler
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
-from policies.eviction import Insufficient, Resident, headroom, plan
+from policies.eviction import Insufficient
+from policies.ledger import Lease, Ledger, ModelRecord, Status, Wait
 from policies.memory import estimate_model_bytes, format_gb, parse_limit
 
 logger = logging.getLogger("ray.serve")
 
-UNLOADED, LOADING, LOADED, UNLOADING = "unloaded", "loading", "loaded", "unloading"
-HOLDS_MEMORY = (LOADING, LOADED, UNLOADING)
-
-
-@dataclass
-class ModelState:
-    entry: ModelEntry
-    estimated_bytes: int
-    pinned: bool
-    status: str = UNLOADED
-    in_flight: int = 0  # requests between acquire and release
-    waiting: int = 0  # acquirers waiting for this model's load
-    last_used: float | None = None
-    measured_bytes: int | None = None
-    weights_bytes: int | None = None
-    process_bytes: int | None = None
-    loads: int = 0
-    evictions: int = 0
-
-    @property
-    def cost(self) -> int:
-        """Bytes the ledger charges: the override, else the last measurement, else the estimate."""
-        if self.entry.memory_bytes is not None:
-            return self.entry.memory_bytes
-        return self.measured_bytes if self.measured_bytes is not None else self.estimated_bytes
-
-    def resident(self, busy_counts: bool = True) -> Resident:
-        return Resident(
-            id=self.entry.id,
-            bytes=self.cost,
-            last_used=self.last_used or 0.0,
-            pinned=self.pinned,
-            in_flight=(self.in_flight + self.waiting) if busy_counts else 0,
-            loading=self.status != LOADED,
-        )
+# How often loaded models' replicas are asked whether they still hold their weights (Serve
+# restarts a dead replica without them), and how long one answer may take.
+REPLICA_CHECK_SECONDS = 5.0
+REPLICA_ANSWER_SECONDS = 10.0
 
 
 def memory_limit_bytes(limit: str | int) -> int:
@@ -103,12 +76,22 @@ def _metrics() -> dict[str, Any]:
         "refusals": Counter(
             "fleet_insufficient_memory_total", "Requests answered 503 insufficient_memory.", model
         ),
+        "expired_leases": Counter(
+            "fleet_expired_leases_total", "Leases whose holder stopped renewing them.", model
+        ),
     }
 
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("controller background task failed", exc_info=task.exception())
+
+
+def load_failed(model_id: str, reason: str) -> ApiError:
+    return ApiError(
+        503, f"Model {model_id} failed to load: {reason}", "model_load_failed", param="model",
+        code="model_load_failed",
+    )
 
 
 @serve.deployment(
@@ -126,356 +109,444 @@ class Controller:
     ):
         self.config = config
         self.models = models
-        self.limit = memory_limit_bytes(config.memory_limit)
-        self.states = {
-            entry.id: ModelState(
-                entry=entry,
-                estimated_bytes=estimate_model_bytes(
-                    entry.path, config.replica_overhead_bytes, entry.memory_bytes
-                ),
-                pinned=entry.pinned,
-            )
-            for entry in catalog
-        }
+        self.ledger = Ledger(
+            memory_limit_bytes(config.memory_limit),
+            catalog,
+            {
+                entry.id: estimate_model_bytes(entry.path, config.replica_overhead_bytes, entry.memory_bytes)
+                for entry in catalog
+            },
+            lease_ttl=config.lease_ttl_seconds,
+        )
         self.scaler = ReplicaScaler(serve.get_replica_context().app_name)
         self.metrics = _metrics()
-        self.metrics["budget"].set(self.limit)
-        # Signalled whenever memory or business changes: waiters re-check their condition.
+        # Signalled whenever memory, leases or statuses change: waiters re-check.
         self._changed = asyncio.Condition()
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: dict[str, asyncio.Task] = {}
+        self._checking: dict[str, asyncio.Task] = {}
         self._ready = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._background = [loop.create_task(self._start()), loop.create_task(self._expire_idle())]
-        for task in self._background:
-            task.add_done_callback(_log_failure)
+        self._background = [
+            self._spawn(self._start()),
+            self._spawn(self._every(self._expire_leases, config.lease_ttl_seconds / 4)),
+            self._spawn(self._every(self._check_replicas, REPLICA_CHECK_SECONDS)),
+        ]
+        ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
+        if ttls:
+            self._background.append(self._spawn(self._every(self._expire_idle, max(0.5, min(ttls) / 4))))
 
     def check_health(self) -> None:
-        """Serve restarts this replica when its start failed; the restart adopts real state."""
+        """Serve restarts this replica when a background task died; the restart adopts state."""
         for task in self._background:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"controller task failed: {task.exception()!r}")
 
     # -- request path -------------------------------------------------------------------------
 
-    async def acquire(self, model_id: str) -> None:
-        state = self._state(model_id)
-        if state.status != LOADED or not self._ready.is_set():
-            state.waiting += 1
+    async def acquire(self, model_id: str) -> Lease:
+        """A lease on the model once it is loaded, loading it if needed."""
+        record = self._record(model_id)
+        await self._ready.wait()
+        if record.status != Status.LOADED:
+            record.waiting += 1
             try:
-                await self._loaded(state)
+                await self._loaded(record)
             finally:
-                state.waiting -= 1
-        state.in_flight += 1
-        state.last_used = time.time()
+                record.waiting -= 1
+        return self.ledger.grant(model_id, time.time())
 
-    async def release(self, model_id: str) -> None:
-        state = self._state(model_id)
-        state.in_flight = max(0, state.in_flight - 1)
-        state.last_used = time.time()
-        await self._notify()
+    async def release(self, lease_id: str) -> None:
+        if self.ledger.release(lease_id, time.time()) is not None:
+            await self._notify()
+
+    async def renew(self, held: dict[str, str]) -> int:
+        """Extend the leases an ingress still uses ({lease id: model id})."""
+        return self.ledger.renew(held, time.time())
+
+    async def check_replica(self, model_id: str) -> None:
+        """An ingress saw this model's replica fail: check it now rather than at the next round."""
+        record = self._record(model_id)
+        if record.status == Status.LOADED:
+            await asyncio.shield(self._single_flight(self._checking, model_id, self._check_replica))
 
     async def statuses(self) -> dict[str, dict[str, Any]]:
-        return {i: {"status": s.status, "pinned": s.pinned} for i, s in self.states.items()}
+        return {r.id: {"status": r.status.value, "pinned": r.pinned} for r in self.ledger.models.values()}
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ready once state is adopted and every pinned model is loaded."""
+        pending = [
+            r.id for r in self.ledger.models.values() if r.pinned and r.status != Status.LOADED
+        ]
+        return {"ready": self._ready.is_set() and not pending, "pinned_not_loaded": pending}
 
     # -- admin ----------------------------------------------------------------------------------
 
     async def admin_view(self) -> dict[str, Any]:
-        return {
-            "memory_limit_bytes": self.limit,
-            "used_bytes": self._used(),
-            "available_bytes": max(0, self._headroom()),
-            "models": [
-                {
-                    "id": s.entry.id,
-                    "type": s.entry.type,
-                    "family": s.entry.family,
-                    "status": s.status,
-                    "pinned": s.pinned,
-                    "memory_bytes": s.cost if s.status in HOLDS_MEMORY else None,
-                    "estimated_bytes": s.estimated_bytes,
-                    "weights_bytes": s.weights_bytes,
-                    "process_bytes": s.process_bytes,
-                    "last_used": s.last_used,
-                    "in_flight": s.in_flight,
-                    "loads": s.loads,
-                    "evictions": s.evictions,
-                }
-                for s in self.states.values()
-            ],
-        }
+        return self.ledger.view(time.time(), psutil.virtual_memory().available)
 
     async def preload(self, model_id: str, pin: bool = True) -> None:
         """Load a model now; pinned, it keeps its replica until unloaded through the admin API."""
-        state = self._state(model_id)
-        was_pinned = state.pinned
-        state.pinned = state.pinned or pin
+        record = self._record(model_id)
+        was_pinned = record.pinned
+        record.pinned = record.pinned or pin
         try:
-            await self._loaded(state)
+            await self._ready.wait()
+            await self._loaded(record)
         except BaseException:
-            state.pinned = was_pinned
+            record.pinned = was_pinned
             raise
-        state.last_used = time.time()
+        record.last_used = time.time()
 
     async def unload(self, model_id: str) -> None:
-        """Unpin and scale to zero, after the requests in flight have finished."""
-        state = self._state(model_id)
-        state.pinned = False
+        """Unpin and scale to zero once the requests in flight have finished.
+
+        Waits for them up to `load_wait_timeout`, then answers 503 (the model stays unpinned).
+        """
+        record = self._record(model_id)
+        record.pinned = False
         await self._ready.wait()
-        if model_id in self._loading:
-            await asyncio.shield(self._loading[model_id])
-        async with self._changed:
-            await self._changed.wait_for(lambda: state.in_flight == 0)
-            if state.status != LOADED:
+        deadline = time.monotonic() + self.config.load_wait_seconds
+        while True:
+            if model_id in self._loading:
+                await asyncio.wait([self._loading[model_id]])  # its failure is not ours
+            if model_id in self._unloading:
+                await asyncio.wait([self._unloading[model_id]])
+            if record.status in (Status.UNLOADED, Status.UNLOADING):
                 return
-            state.status = UNLOADING
-        await self._evict(model_id, "admin")
+            if self.ledger.begin_unload(model_id, "unloaded by an admin"):
+                try:
+                    await asyncio.shield(self._evict(model_id, "admin"))
+                except Exception as error:
+                    raise ApiError(
+                        503, f"Model {model_id} could not be unloaded: {error}", "model_unload_failed",
+                        param="model", code="model_unload_failed",
+                    ) from None
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ApiError(
+                    503,
+                    f"Model {model_id} still serves {len(record.leases)} request(s) after "
+                    f"{self.config.load_wait_seconds:.0f} s; it is unpinned now, try the unload again later",
+                    "model_busy",
+                    param="model",
+                    code="model_busy",
+                )
+            await self._wait_for_change(remaining)
 
     # -- loading and eviction -------------------------------------------------------------------
 
-    def _state(self, model_id: str) -> ModelState:
-        state = self.states.get(model_id)
-        if state is None:
+    def _record(self, model_id: str) -> ModelRecord:
+        if model_id not in self.ledger:
             raise model_not_found(model_id)
-        return state
+        return self.ledger[model_id]
 
-    async def _loaded(self, state: ModelState) -> None:
+    async def _loaded(self, record: ModelRecord) -> None:
         """Return once the model is loaded, loading it if needed (one load for all callers).
 
         Loops because a model loaded for us can be evicted again before we resume.
         """
-        await self._ready.wait()
-        while state.status != LOADED:
-            await asyncio.shield(self._single_flight_load(state.entry.id))
+        while record.status != Status.LOADED:
+            await asyncio.shield(self._single_flight(self._loading, record.id, self._load))
 
-    def _single_flight_load(self, model_id: str) -> asyncio.Task:
-        task = self._loading.get(model_id)
+    def _single_flight(
+        self, tasks: dict[str, asyncio.Task], model_id: str, work: Callable[[str], Awaitable[None]]
+    ) -> asyncio.Task:
+        task = tasks.get(model_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(model_id))
-            self._loading[model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+            task = self._spawn(work(model_id), log=False)
+            tasks[model_id] = task
+            task.add_done_callback(lambda _: tasks.pop(model_id, None))
         return task
 
     async def _load(self, model_id: str) -> None:
-        state = self.states[model_id]
-        if model_id in self._unloading:  # an admin unload or an eviction is still running
-            await self._unloading[model_id]
+        record = self.ledger[model_id]
+        while model_id in self._unloading:  # an admin unload or an eviction is still running
+            await asyncio.wait([self._unloading[model_id]])
+        if record.status == Status.LOADED:
+            return
         started = time.perf_counter()
-        victims = await self._reserve(state)
-        if victims:
-            await asyncio.gather(*(self._evict(victim, "lru") for victim in victims))
+        if record.status == Status.UNLOADED:
+            victims = await self._admit(record)
+            failed = await self._evict_all(victims, "lru")
+            if failed:
+                self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
+                await self._notify()
+                raise load_failed(model_id, f"could not unload {failed} to make room")
+        # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
         try:
-            await self.scaler.scale_and_wait(state.entry.deployment, 1)
+            await self.scaler.scale_and_wait(record.entry.deployment, 1)
             report = await self.models[model_id].load.remote()
         except Exception as error:
-            state.status = UNLOADING
-            await self._evict(model_id, "load_failed")
-            cause = getattr(error, "cause", error)
-            logger.error("loading model %s failed: %r", model_id, cause)
-            raise ApiError(
-                503,
-                f"Model {model_id} failed to load: {type(cause).__name__}: {cause}",
-                "model_load_failed",
-                param="model",
-            ) from None
+            cause = getattr(error, "cause", None) or error
+            reason = f"{type(cause).__name__}: {cause}"
+            logger.error("loading model %s failed: %s", model_id, reason)
+            self.ledger.fail_load(model_id, reason)
+            await asyncio.wait([self._evict(model_id, "load_failed")])
+            raise load_failed(model_id, reason) from None
         seconds = time.perf_counter() - started
-        state.measured_bytes = report.bytes
-        state.weights_bytes = report.weights_bytes
-        state.process_bytes = report.process_bytes
-        state.status = LOADED
-        state.loads += 1
-        state.last_used = time.time()
+        self.ledger.finish_load(model_id, report.measured(), time.time())
         self.metrics["loads"].inc(tags={"model": model_id})
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
         logger.info(
             "loaded model %s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
             model_id,
             seconds,
-            format_gb(state.cost),
+            format_gb(record.cost),
             format_gb(report.process_bytes),
             format_gb(report.weights_bytes),
-            format_gb(self._used()),
-            format_gb(self.limit),
+            format_gb(self.ledger.used()),
+            format_gb(self.ledger.limit),
         )
         await self._notify()
 
-    async def _reserve(self, state: ModelState) -> list[str]:
-        """Plan room for `state`'s model and claim it; returns the models to evict.
+    async def _admit(self, record: ModelRecord) -> tuple[str, ...]:
+        """Claim room for the model; returns the models to evict for it.
 
-        When only busy models stand in the way, wait for them (up to load_wait_timeout)
-        rather than refuse: queue, don't refuse.
+        When only busy or loading models stand in the way, wait for them (up to
+        load_wait_timeout) rather than refuse: queue, don't refuse.
         """
-        model_id = state.entry.id
         deadline = time.monotonic() + self.config.load_wait_seconds
-        async with self._changed:
-            while True:
-                others = [s for s in self.states.values() if s.status in HOLDS_MEMORY]
-                decision = plan(
-                    [s.resident() for s in others], state.cost, self.limit, self._os_available()
-                )
-                if not isinstance(decision, Insufficient):
-                    break
-                if_idle = plan(
-                    [s.resident(busy_counts=False) for s in others],
-                    state.cost,
-                    self.limit,
-                    self._os_available(),
-                )
-                remaining = deadline - time.monotonic()
-                if isinstance(if_idle, Insufficient) or remaining <= 0:
-                    self._refuse(model_id, decision)
+        while True:
+            decision = self.ledger.admit(record.id, psutil.virtual_memory().available)
+            if isinstance(decision, Insufficient):
+                self._refuse(record.id, decision.message, retry=False)
+            remaining = deadline - time.monotonic()
+            if isinstance(decision, Wait):
+                if remaining <= 0:
+                    waited = self.config.load_wait_seconds
+                    self._refuse(
+                        record.id,
+                        f"{decision.message}: the models in the way were still busy after {waited:.0f} s",
+                        retry=True,
+                    )
                 logger.info(
                     "model %s waits for busy models to finish (%s); up to %.0f s more",
-                    model_id,
+                    record.id,
                     decision.message,
                     remaining,
                 )
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
-            for victim in decision.victims:
-                self.states[victim].status = UNLOADING
-            state.status = LOADING
+                await self._wait_for_change(remaining)
+                continue
             self._update_gauges()
             if decision.victims:
                 logger.info(
                     "evicting %s (least recently used, idle) to fit model %s (%s)",
                     ", ".join(decision.victims),
-                    model_id,
-                    format_gb(state.cost),
+                    record.id,
+                    format_gb(record.cost),
                 )
-            return list(decision.victims)
+            return decision.victims
 
-    def _refuse(self, model_id: str, decision: Insufficient) -> None:
+    def _refuse(self, model_id: str, message: str, retry: bool) -> None:
+        """503 insufficient_memory: `retry` when waiting longer could help (busy models)."""
         self.metrics["refusals"].inc(tags={"model": model_id})
-        logger.warning(
-            "refused model %s: %s (budget %s)", model_id, decision.message, format_gb(self.limit)
-        )
+        logger.warning("refused model %s: %s (budget %s)", model_id, message, format_gb(self.ledger.limit))
         raise ApiError(
             503,
-            decision.message,
+            message,
             "insufficient_memory",
             param="model",
             code="insufficient_memory",
-            headers={"x-should-retry": "false"},
+            headers={"retry-after": "5"} if retry else {"x-should-retry": "false"},
         )
 
-    async def _evict(self, model_id: str, reason: str) -> None:
-        """Scale a model (already marked UNLOADING) to zero and wait until its replica is gone."""
-        state = self.states[model_id]
-        task = asyncio.get_running_loop().create_task(
-            self.scaler.scale_and_wait(state.entry.deployment, 0)
+    async def _evict_all(self, model_ids: tuple[str, ...] | list[str], reason: str) -> str:
+        """Evict models concurrently; the ones that could not be unloaded, in words."""
+        tasks = [self._evict(model_id, reason) for model_id in model_ids]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return ", ".join(
+            f"{model_id} ({result})"
+            for model_id, result in zip(model_ids, results)
+            if isinstance(result, BaseException)
         )
+
+    def _evict(self, model_id: str, reason: str) -> asyncio.Task:
+        """Scale a model (already marked unloading) to zero; the task ends when it is gone.
+
+        Registered at once, so that a load of the same model always finds it and waits.
+        """
+        task = self._spawn(self._scale_to_zero(model_id, reason), log=False)
         self._unloading[model_id] = task
+        task.add_done_callback(lambda _: self._unloading.pop(model_id, None))
+        return task
+
+    async def _scale_to_zero(self, model_id: str, reason: str) -> None:
+        """If Serve does not get there, the ledger takes what Serve really runs."""
+        record = self.ledger[model_id]
         try:
-            seconds = await task
+            seconds = await self.scaler.scale_and_wait(record.entry.deployment, 0)
+        except Exception as error:
+            logger.error("unloading model %s failed: %r", model_id, error)
+            await self._restore_from_serve(model_id, f"scaling to zero failed: {error}")
+            raise
+        else:
+            # A failed load held no weights: not an eviction.
+            evicted = reason != "load_failed"
+            self.ledger.finish_unload(model_id, reason, evicted)
+            if evicted:
+                self.metrics["evictions"].inc(tags={"model": model_id, "reason": reason})
+            logger.info(
+                "unloaded model %s (%s) in %.2f s; used %s of %s",
+                model_id,
+                reason,
+                seconds,
+                format_gb(self.ledger.used()),
+                format_gb(self.ledger.limit),
+            )
         finally:
-            self._unloading.pop(model_id, None)
-            state.status = UNLOADED
             await self._notify()
-        if reason != "load_failed":  # a failed load held no weights
-            state.evictions += 1
-            self.metrics["evictions"].inc(tags={"model": model_id, "reason": reason})
-        logger.info(
-            "unloaded model %s (%s) in %.2f s; used %s of %s",
-            model_id,
-            reason,
-            seconds,
-            format_gb(self._used()),
-            format_gb(self.limit),
+
+    async def _restore_from_serve(self, model_id: str, why: str) -> None:
+        """After a scaling call failed: loaded if a replica still holds the weights, else unloaded."""
+        record = self.ledger[model_id]
+        state = await self._replica_state(model_id) if await self._has_running_replica(record) else None
+        if state is not None and state.weights == "loaded":
+            self.ledger.restore(model_id, Status.LOADED, f"{why}; its replica still holds the weights")
+        else:
+            self.ledger.restore(model_id, Status.UNLOADED, f"{why}; no replica holds the weights")
+
+    # -- replicas that die ----------------------------------------------------------------------
+
+    async def _check_replicas(self) -> None:
+        loaded = [
+            r.id
+            for r in self.ledger.models.values()
+            if r.status == Status.LOADED and r.id not in self._unloading
+        ]
+        await asyncio.gather(
+            *(self._single_flight(self._checking, model_id, self._check_replica) for model_id in loaded)
         )
 
-    # -- start, restart and idle expiry ---------------------------------------------------------
+    async def _check_replica(self, model_id: str) -> None:
+        """Reload a model whose replica Serve replaced (it starts without weights)."""
+        state = await self._replica_state(model_id)
+        record = self.ledger[model_id]
+        if state is None or state.weights == "loaded" or record.status != Status.LOADED:
+            return  # no answer yet (a replica restarting answers later), or nothing to do
+        self.ledger.begin_reload(model_id, "its replica was replaced without weights (it died?)")
+        await self._notify()
+        try:
+            await asyncio.shield(self._single_flight(self._loading, model_id, self._load))
+        except ApiError as error:
+            logger.error("reloading model %s failed: %s", model_id, error.message)
+
+    async def _replica_state(self, model_id: str) -> ReplicaState | None:
+        try:
+            return await asyncio.wait_for(
+                self.models[model_id].state.remote(), REPLICA_ANSWER_SECONDS
+            )
+        except Exception as error:  # dead, restarting or stuck: the caller decides
+            logger.info("model %s's replica did not answer: %r", model_id, error)
+            return None
+
+    async def _has_running_replica(self, record: ModelRecord) -> bool:
+        return (await self.scaler.running()).get(record.entry.deployment, 0) > 0
+
+    # -- start, restart and expiry --------------------------------------------------------------
 
     async def _start(self) -> None:
         """Adopt what Serve really runs, scale idle replicas to zero, load pinned models.
 
         At a fresh start every model deployment has one replica without weights. After a
-        controller restart some replicas hold weights: they are adopted as loaded.
+        controller restart some replicas hold weights (adopted as loaded, with the leases of
+        the requests they serve) and some are starting or loading (their load finishes).
         """
-        await self.scaler.wait_until_app_running()
-        running = await self.scaler.running()
-        for state in self.states.values():
-            if running.get(state.entry.deployment, 0):
-                report = await self.models[state.entry.id].report.remote()
-                if report is not None:
-                    state.status = LOADED
-                    state.measured_bytes = report.bytes
-                    state.weights_bytes = report.weights_bytes
-                    state.process_bytes = report.process_bytes
-                    state.last_used = time.time()
-        idle = [
-            s.entry.id
-            for s in self.states.values()
-            if s.status == UNLOADED and not s.pinned and running.get(s.entry.deployment, 0)
-        ]
+        await self.scaler.wait_until_app_settled()
+        replicas = await self.scaler.replica_states()
+        now = time.time()
+        idle: list[str] = []
+        for record in self.ledger.models.values():
+            counts = replicas.get(record.entry.deployment, {})
+            running = counts.get(ReplicaScaler.RUNNING, 0)
+            starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
+            state = await self._replica_state(record.id) if running else None
+            if state is not None and state.weights != "none":
+                status = Status.LOADED if state.weights == "loaded" else Status.LOADING
+                measured = state.report.measured() if state.report else None
+                self.ledger.adopt(record.id, status, measured, state.leases, now)
+            elif starting and not running:
+                # A previous controller was starting this model for a request: finish the load.
+                self.ledger.adopt(record.id, Status.LOADING, None, [], now)
+            elif running and not record.pinned:
+                idle.append(record.id)
+        for record in self.ledger.models.values():
+            if record.status == Status.LOADING:
+                self._single_flight(self._loading, record.id, self._load)
         # Replicas without weights: nothing to account for, only processes to stop.
         await asyncio.gather(
-            *(self.scaler.scale_and_wait(self.states[i].entry.deployment, 0) for i in idle)
+            *(self.scaler.scale_and_wait(self.ledger[i].entry.deployment, 0) for i in idle),
+            return_exceptions=True,  # a replica that does not stop now is stopped by Serve later
         )
-        adopted = [s.entry.id for s in self.states.values() if s.status == LOADED]
+        adopted = [r.id for r in self.ledger.models.values() if r.holds_memory]
         logger.info(
             "controller ready: budget %s, adopted %s, scaled %d idle replicas to zero",
-            format_gb(self.limit),
+            format_gb(self.ledger.limit),
             adopted or "no loaded models",
             len(idle),
         )
         self._ready.set()
-        for state in self.states.values():
-            if state.pinned and state.status != LOADED:
+        await self._notify()
+        for record in self.ledger.models.values():
+            if record.pinned and record.status != Status.LOADED:
                 try:
-                    await self.preload(state.entry.id)
+                    await self.preload(record.id)
                 except ApiError as error:
-                    logger.error("pinned model %s not loaded: %s", state.entry.id, error.message)
+                    logger.error("pinned model %s not loaded: %s", record.id, error.message)
+
+    async def _expire_leases(self) -> None:
+        expired = self.ledger.expire_leases(time.time())
+        for lease in expired:
+            self.metrics["expired_leases"].inc(tags={"model": lease.model})
+            logger.warning(
+                "lease %s on model %s expired: its holder stopped renewing it (ingress gone?)",
+                lease.id,
+                lease.model,
+            )
+        if expired:
+            await self._notify()
 
     async def _expire_idle(self) -> None:
-        ttls = [s.entry.idle_ttl for s in self.states.values() if s.entry.idle_ttl]
-        if not ttls:
-            return
-        period = max(0.5, min(ttls) / 4)
+        expired = self.ledger.take_idle(time.time())
+        for model_id in expired:
+            logger.info("model %s idle for over %.0f s", model_id, self.ledger[model_id].entry.idle_ttl)
+        await self._evict_all(tuple(expired), "idle_ttl")
+
+    async def _every(self, work: Callable[[], Awaitable[None]], seconds: float) -> None:
         await self._ready.wait()
         while True:
-            await asyncio.sleep(period)
-            now = time.time()
-            async with self._changed:
-                expired = [
-                    s.entry.id
-                    for s in self.states.values()
-                    if s.status == LOADED
-                    and s.entry.idle_ttl
-                    and not (s.pinned or s.in_flight or s.waiting)
-                    and now - (s.last_used or now) > s.entry.idle_ttl
-                ]
-                for model_id in expired:
-                    self.states[model_id].status = UNLOADING
-            for model_id in expired:
-                logger.info("model %s idle for over %.0f s", model_id, self.states[model_id].entry.idle_ttl)
-            await asyncio.gather(*(self._evict(model_id, "idle_ttl") for model_id in expired))
+            await asyncio.sleep(seconds)
+            try:
+                await work()
+            except Exception:  # one failed round must not end the loop
+                logger.exception("controller task %s failed; next round in %.1f s", work.__name__, seconds)
 
     # -- accounting -----------------------------------------------------------------------------
 
-    def _used(self) -> int:
-        return sum(s.cost for s in self.states.values() if s.status in HOLDS_MEMORY)
+    def _spawn(self, work: Awaitable[Any], log: bool = True) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(work)
+        if log:
+            task.add_done_callback(_log_failure)
+        return task
 
-    def _os_available(self) -> int:
-        # Loading models have their bytes reserved here but not yet taken from the OS.
-        pending = sum(s.cost for s in self.states.values() if s.status == LOADING)
-        return psutil.virtual_memory().available - pending
-
-    def _headroom(self) -> int:
-        residents = [s.resident() for s in self.states.values() if s.status in HOLDS_MEMORY]
-        return headroom(residents, self.limit, self._os_available())
+    async def _wait_for_change(self, timeout: float) -> None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     def _update_gauges(self) -> None:
-        self.metrics["used"].set(self._used())
-        self.metrics["loaded"].set(sum(s.status == LOADED for s in self.states.values()))
-        for s in self.states.values():
-            self.metrics["model_bytes"].set(
-                s.cost if s.status in HOLDS_MEMORY else 0, tags={"model": s.entry.id}
-            )
+        models = self.ledger.models.values()
+        self.metrics["budget"].set(self.ledger.limit)
+        self.metrics["used"].set(self.ledger.used())
+        self.metrics["loaded"].set(sum(r.status == Status.LOADED for r in models))
+        for r in models:
+            self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags={"model": r.id})
 
     async def _notify(self) -> None:
         self._update_gauges()
         async with self._changed:
             self._changed.notify_all()
+
+

@@ -42,20 +42,36 @@ class EmbeddingsModel(ModelServer):
         self.tokenizer = None
         self.max_length = 512
 
-    async def embed(self, texts: list[str]) -> Embedded:
-        self.require_loaded()
-        return await self._embed_batched(texts)
+    async def embed(self, texts: list[str], lease_id: str) -> Embedded:
+        async with self.serving(lease_id):
+            result = await self._embed_batched(texts)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _embed_batched(self, requests: list[list[str]]) -> list[Embedded]:
+    async def _embed_batched(self, requests: list[list[str]]) -> list[Embedded | Exception]:
         texts = [text for request in requests for text in request]
-        vectors, tokens = await self.run_mlx(self._embed_all, texts)
+        try:
+            vectors, tokens = await self.run_mlx(self._embed_all, texts)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # One request's input broke the batch: embed each alone, so it fails alone.
+            return [await self._embed_alone(request) for request in requests]
         results, start = [], 0
         for request in requests:
             end = start + len(request)
             results.append(Embedded(vectors[start:end], int(tokens[start:end].sum())))
             start = end
         return results
+
+    async def _embed_alone(self, texts: list[str]) -> Embedded | Exception:
+        try:
+            vectors, tokens = await self.run_mlx(self._embed_all, texts)
+        except Exception as error:  # returned, not raised: it belongs to this request only
+            return error
+        return Embedded(vectors, int(tokens.sum()))
 
     # -- MLX thread -----------------------------------------------------------------------
 
@@ -65,9 +81,6 @@ class EmbeddingsModel(ModelServer):
         self.model, self.tokenizer = load(self.entry.path)
         config = json.loads((Path(self.entry.path) / "config.json").read_text())
         self.max_length = max_sequence_length(self.entry.path, config)
-
-    def _release_weights(self) -> None:
-        self.model = self.tokenizer = None
 
     def _embed_all(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Vectors and token counts for `texts`, in their order. Inputs longer than the

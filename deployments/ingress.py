@@ -9,16 +9,18 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, NoReturn, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.leases import LeaseKeeper
 from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.openai_types import (
     ApiError,
@@ -35,6 +37,7 @@ from deployments.openai_types import (
 )
 from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
+from policies.ledger import Lease
 from policies.memory import parse_size
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +45,9 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="mlx-fleet", description="Many MLX models behind one OpenAI-compatible API.")
 
 Body = TypeVar("Body", bound=BaseModel)
+
+# No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
+MAX_JSON_DEPTH = 64
 
 
 def find_api_error(error: BaseException) -> ApiError | None:
@@ -144,6 +150,52 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+def decode_json(raw: bytes) -> Any:
+    """The body as JSON: strict (no NaN or Infinity) and at most MAX_JSON_DEPTH levels deep."""
+    too_deep = ApiError(400, f"The request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as error:
+        raise ApiError(400, f"The request body is not valid JSON: {error}") from None
+    if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_depth(value: Any, stop_after: int) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar is 0); counting stops past
+    `stop_after`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_after:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def replica_lost(model_id: str) -> ApiError:
+    return ApiError(
+        503,
+        f"Model {model_id}'s replica stopped while serving this request; it is being "
+        "restarted, retry in a few seconds",
+        "model_unavailable",
+        param="model",
+        code="model_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Ingress:
@@ -166,14 +218,32 @@ class Ingress:
         )
         self.controller = controller
         self.models = models
+        self.leases = LeaseKeeper(
+            controller,
+            # A request waits for its model's load, and through a controller restart.
+            acquire_timeout=config.load_wait_seconds + 60,
+            lease_ttl=config.lease_ttl_seconds,
+        )
         self.started = int(time.time())
-        self._releases: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     # -- routes -------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> JSONResponse:
+        readiness = await self.controller.readiness.remote()
+        if readiness["ready"]:
+            return JSONResponse({"status": "ready"})
+        pending = readiness["pinned_not_loaded"]
+        waiting = f"pinned models not loaded yet: {', '.join(pending)}" if pending else "starting up"
+        return JSONResponse(
+            error_body(f"Not ready: {waiting}", "service_unavailable", code="not_ready"),
+            status_code=503,
+        )
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -231,11 +301,13 @@ class Ingress:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = await self._parse(request, EmbeddingRequest)
         entry = self._entry(body.model, EMBEDDINGS)
-        await self.controller.acquire.remote(entry.id)
+        lease = await self.leases.acquire(entry.id)
         try:
-            embedded = await self.models[entry.id].embed.remote(body.texts)
+            embedded = await self.models[entry.id].embed.remote(body.texts, lease.id)
+        except RayActorError:
+            self._model_failed(entry.id)
         finally:
-            self._release(entry.id)
+            self.leases.release(lease)
         return {
             "object": "list",
             "data": [
@@ -273,7 +345,8 @@ class Ingress:
         if key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+        # Bytes: compare_digest refuses non-ASCII text, and a header may carry any byte.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(
                 401,
                 "Admin endpoints need the header 'Authorization: Bearer <admin_api_key>'",
@@ -321,10 +394,7 @@ class Ingress:
         raw = await self._read_body(request)
         if empty_ok and not raw.strip():
             raw = b"{}"
-        try:
-            data = json.loads(raw)
-        except ValueError as error:
-            raise ApiError(400, f"The request body is not valid JSON: {error}") from None
+        data = decode_json(raw)
         if not isinstance(data, dict):
             raise ApiError(400, "The request body must be a JSON object")
         try:
@@ -344,38 +414,56 @@ class Ingress:
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        seconds = self.config.request_body_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body did not arrive within {seconds:.0f} s (request_body_timeout)",
+                code="request_timeout",
+            ) from None
         return b"".join(chunks)
 
     async def _generate(self, entry: ModelEntry, job: TextJob, reply: Reply, body) -> Any:
-        await self.controller.acquire.remote(entry.id)
+        lease = await self.leases.acquire(entry.id)
         handle = self.models[entry.id]
         if not body.stream:
             try:
-                text, finish = await handle.generate.remote(job)
+                text, finish = await handle.generate.remote(job, lease.id)
+            except RayActorError:
+                self._model_failed(entry.id)
             finally:
-                self._release(entry.id)
+                self.leases.release(lease)
             return reply.full(text, finish)
-        events = handle.options(stream=True).stream.remote(job)
+        events = handle.options(stream=True).stream.remote(job, lease.id)
         try:
             # Errors before the first token (bad template, context too long) still get a
             # proper status code instead of a 200 stream carrying an error.
             first = await events.__anext__()
-        except BaseException:
+        except BaseException as error:
             events.cancel()
-            self._release(entry.id)
+            self.leases.release(lease)
+            if isinstance(error, RayActorError):
+                self._model_failed(entry.id)
             raise
-        return StreamingResponse(
-            self._sse(entry.id, first, events, reply, body.include_usage),
-            media_type="text/event-stream",
-        )
+        stream = self._sse(entry.id, lease, first, events, reply, body.include_usage)
+        self.leases.release_when_collected(stream, lease)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     async def _sse(
-        self, model_id: str, first: Any, events: AsyncIterator, reply: Reply, with_usage: bool
+        self,
+        model_id: str,
+        lease: Lease,
+        first: Any,
+        events: AsyncIterator,
+        reply: Reply,
+        with_usage: bool,
     ) -> AsyncIterator[str]:
         try:
             if reply.chat:
@@ -395,22 +483,28 @@ class Ingress:
             raise
         except Exception as error:
             api_error = find_api_error(error)
+            if api_error is None and isinstance(error, RayActorError):
+                api_error = self._model_lost(model_id)
             if api_error is None:
                 logger.exception("stream from model %s failed", model_id)
                 api_error = ApiError(500, f"Generation failed: {type(error).__name__}", "server_error")
             yield sse(api_error.body())
         finally:
-            self._release(model_id)
+            self.leases.release(lease)
 
-    def _release(self, model_id: str) -> None:
-        """Tell the controller a request ended, without making the client wait for it.
+    def _model_failed(self, model_id: str) -> NoReturn:
+        """A model call failed because its replica died: 503 for this request."""
+        raise self._model_lost(model_id) from None
 
-        A task of its own: a client that disconnects (which cancels the request's task)
-        must not leave the model counted as busy.
-        """
-        task = asyncio.get_running_loop().create_task(self._send_release(model_id))
-        self._releases.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._releases.discard)
+    def _model_lost(self, model_id: str) -> ApiError:
+        logger.warning("model %s's replica died during a request; asking the controller to check it", model_id)
+        task = asyncio.get_running_loop().create_task(self._check_replica(model_id))
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+        return replica_lost(model_id)
 
-    async def _send_release(self, model_id: str) -> None:
-        await self.controller.release.remote(model_id)
+    async def _check_replica(self, model_id: str) -> None:
+        try:
+            await self.controller.check_replica.remote(model_id)
+        except Exception as error:  # the controller's own round checks it again soon
+            logger.warning("asking the controller to check model %s failed: %r", model_id, error)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import ipaddress
 import logging
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 
 import httpcore
 import httpx
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from deployments.openai_types import ApiError
 
@@ -38,6 +40,10 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 UNTYPED_CONTENT_TYPES = ("application/octet-stream", "binary/octet-stream")
 # IPv6 prefix of NAT64 (RFC 6052): the last 32 bits are the IPv4 address actually reached.
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# A decode holds the pixels several times over (decoded, RGB, resized): hundreds of MB at the
+# pixel cap. Fifty requests with big images queue here instead of decoding fifty at once.
+MAX_CONCURRENT_DECODES = 2
+_DECODER = ThreadPoolExecutor(MAX_CONCURRENT_DECODES, thread_name_prefix="image-decode")
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,12 @@ async def _load_one(
             data = await asyncio.to_thread(_bytes_from_data_url, ref.url, policy.max_bytes)
         else:
             data = await fetcher.download(ref.url)
-        return await asyncio.to_thread(_decode_image, data, number, policy.max_side)
+        # As asyncio.to_thread does, but on the bounded decode threads; the copied context keeps
+        # Ray Serve's request id on the resize warning.
+        decode = functools.partial(
+            contextvars.copy_context().run, _decode_image, data, number, policy.max_side
+        )
+        return await asyncio.get_running_loop().run_in_executor(_DECODER, decode)
     except _ImageError as error:
         raise ApiError(400, f"Image {number}: {error}", param=ref.param) from None
 
@@ -146,12 +157,21 @@ def _bytes_from_data_url(url: str, max_bytes: int) -> bytes:
 
 def _decode_image(data: bytes, number: int, max_side: int) -> Image.Image:
     try:
+        image = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)  # the header, no pixels yet
+        width, height = image.size
+        _check_pixel_count(width, height)
+        # A JPEG decodes at 1/2, 1/4 or 1/8 scale on request, never below the size asked for:
+        # a photo about to be downscaled costs a fraction of the memory. Other formats ignore it.
+        image.draft("RGB", _fitted(width, height, max_side))
+        _check_decoded_pixels(image.size, width, height, max_side)
         # verify() checks the whole file but leaves that image object unusable: use a throwaway.
         with Image.open(BytesIO(data), formats=ALLOWED_FORMATS) as probe:
-            _check_pixel_count(*probe.size)
             probe.verify()
-        image = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)
         image.load()
+        # Orientations 5 to 8 turn a quarter: the sides swap. (Asked after load(): a PNG's
+        # getexif() would load it.)
+        if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+            width, height = height, width
         ImageOps.exif_transpose(image, in_place=True)  # phones store photos sideways + a tag
         image = _to_rgb(image)
     except _ImageError:
@@ -166,10 +186,9 @@ def _decode_image(data: bytes, number: int, max_side: int) -> Image.Image:
     except Exception as error:  # Pillow reports corrupt files with many exception types
         raise _ImageError(f"the image data is corrupt or truncated ({error})") from None
 
-    width, height = image.size
+    # From the header's size, not the draft's: the draft's sides are rounded up.
     if max(width, height) > max_side:
-        scale = max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = _fitted(width, height, max_side)
         image = image.resize(size, Image.Resampling.LANCZOS)
         logger.warning(
             "image %d resized from %dx%d to %dx%d (image_max_side=%d)",
@@ -185,6 +204,25 @@ def _check_pixel_count(width: int, height: int) -> None:
         raise _ImageError(
             f"the image is {width}x{height} pixels, more than the {limit} this server decodes"
         )
+
+
+def _check_decoded_pixels(
+    decoded: tuple[int, int], width: int, height: int, max_side: int
+) -> None:
+    # Pillow's limit is ~90 M pixels per image (~270 MB as RGB), several per request. Everything
+    # is downscaled to max_side anyway: twice that on each side is detail to spare. A JPEG
+    # counts at its draft size, so a 48 M pixel photo still passes.
+    limit = 4 * max_side**2
+    if decoded[0] * decoded[1] > limit:
+        raise _ImageError(
+            f"{width}x{height} pixels is more than this server decodes"
+            f" ({limit:,} pixels, 4 x image_max_side²)"
+        )
+
+
+def _fitted(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

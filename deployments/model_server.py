@@ -1,6 +1,7 @@
-"""What every model deployment shares: cheap start, explicit load/unload, one MLX thread.
+"""What every model deployment shares: cheap start, explicit load, leased requests, one MLX
+thread.
 
-MLX streams are thread-local, so every MLX call of a replica (load, generate, free) runs on
+MLX streams are thread-local, so every MLX call of a replica (load, generate) runs on
 one dedicated worker thread; the asyncio loop only waits for it. That keeps the replica
 answering health checks and queueing concurrent requests while a generation runs.
 """
@@ -8,17 +9,19 @@ answering health checks and queueing concurrent requests while a generation runs
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import psutil
 
 from policies.config import AppConfig, ModelEntry
+from policies.ledger import Measured
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,9 +45,26 @@ class LoadReport:
         measured = max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
         return measured + self.reserved_bytes
 
+    def measured(self) -> Measured:
+        return Measured(self.bytes, self.weights_bytes, self.process_bytes)
+
+
+@dataclass
+class ReplicaState:
+    """What a replica tells a controller that (re)starts, or checks on it."""
+
+    weights: Literal["none", "loading", "loaded"]
+    report: LoadReport | None
+    leases: list[str]  # leases of the requests this replica is serving now
+
 
 class ModelServer:
-    """Base of the per-type deployment classes. Subclasses implement `_load` and `_loaded`."""
+    """Base of the per-type deployment classes. Subclasses implement `_load` (MLX thread).
+
+    Every request names the lease the controller granted for it. A replica that Serve
+    started in place of a dead one has no weights: the first leased request loads them
+    (the ledger still charges the model, so the memory is accounted for).
+    """
 
     def __init__(self, entry: ModelEntry, config: AppConfig):
         # Models are local files or the local hub cache; nothing downloads unless the operator
@@ -54,6 +74,7 @@ class ModelServer:
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")
         self._load_lock = asyncio.Lock()
         self._report: LoadReport | None = None
+        self._leases: Counter[str] = Counter()
         self.reserved_bytes = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -73,16 +94,30 @@ class ModelServer:
                 )
             return self._report
 
-    async def unload(self) -> None:
-        async with self._load_lock:
-            if self._report is not None:
-                await self.run_mlx(self._free)
-                self._report = None
-                logger.info("unloaded model %s", self.entry.id)
+    def state(self) -> ReplicaState:
+        if self._report is not None:
+            weights = "loaded"
+        else:
+            weights = "loading" if self._load_lock.locked() else "none"
+        return ReplicaState(weights, self._report, list(self._leases))
 
-    def report(self) -> LoadReport | None:
-        """What the loaded weights cost, or None when nothing is loaded (controller restarts)."""
-        return self._report
+    @asynccontextmanager
+    async def serving(self, lease_id: str) -> AsyncIterator[None]:
+        """Count a leased request as running here; load the weights if this replica has none."""
+        self._leases[lease_id] += 1
+        try:
+            if self._report is None:
+                logger.warning(
+                    "model %s: a leased request found this replica without weights "
+                    "(it replaced one that died); loading them",
+                    self.entry.id,
+                )
+                await self.load()
+            yield
+        finally:
+            self._leases[lease_id] -= 1
+            if not self._leases[lease_id]:
+                del self._leases[lease_id]
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -130,16 +165,9 @@ class ModelServer:
             cancelled = True
             await asyncio.shield(future)
 
-    def require_loaded(self) -> None:
-        if self._report is None:
-            raise RuntimeError(f"model {self.entry.id} is not loaded; acquire it first")
-
     # -- to implement -------------------------------------------------------------------------
 
     def _load(self) -> None:
-        raise NotImplementedError
-
-    def _release_weights(self) -> None:
         raise NotImplementedError
 
     # -- internals (MLX thread) ---------------------------------------------------------------
@@ -160,11 +188,3 @@ class ModelServer:
             process_before_bytes=rss_before,
             reserved_bytes=self.reserved_bytes,
         )
-
-    def _free(self) -> None:
-        import mlx.core as mx
-
-        self._release_weights()
-        # MLX keeps freed buffers in its cache: without clear_cache unload frees nothing.
-        gc.collect()
-        mx.clear_cache()

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Far above any context window we serve; anything larger is a client bug, not a wish.
 MAX_TOKENS_CAP = 131_072
+# MLX seeds its generator with an unsigned 64-bit integer.
+SEED_LIMIT = 2**64
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1000
 
 
 class ApiError(Exception):
@@ -110,11 +114,6 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
-    def images(self) -> list[ImagePart]:
-        if not isinstance(self.content, list):
-            return []
-        return [part for part in self.content if isinstance(part, ImagePart)]
-
     def parts(self) -> list[dict[str, str]]:
         """The content as text parts and `{"type": "image"}` placeholders, in order."""
         if not isinstance(self.content, list):
@@ -134,7 +133,9 @@ class _GenerationRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CAP)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description="0 <= seed < 2**64; leave it out for a random one."
+    )
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -151,10 +152,12 @@ class _GenerationRequest(_Request):
     @classmethod
     def _stop_sequences(cls, stop: str | list[str] | None) -> str | list[str] | None:
         sequences = [stop] if isinstance(stop, str) else stop or []
-        if len(sequences) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(sequences) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in sequences):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in sequences):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stop
 
     def sampling(self, max_tokens: int | None = None) -> "Sampling":

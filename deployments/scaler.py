@@ -18,9 +18,21 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.schema import ApplicationStatus
 
 POLL_SECONDS = 0.1
+# A replica start is seconds; a model deployment that has not reached its count in this long
+# will not (its constructor fails, or the cluster has no room): the caller gets an error.
+SCALE_TIMEOUT_SECONDS = 120.0
+# How long a (re)starting controller waits for Serve to finish deploying before adopting.
+SETTLE_TIMEOUT_SECONDS = 120.0
+
+
+class ScalingError(RuntimeError):
+    """A deployment did not reach the replica count it was scaled to."""
 
 
 class ReplicaScaler:
+    RUNNING = ReplicaState.RUNNING.value
+    STOPPING = ReplicaState.STOPPING.value
+
     def __init__(self, app_name: str):
         self.app_name = app_name
         self._serve_controller = None
@@ -45,28 +57,33 @@ class ReplicaScaler:
 
     async def running(self) -> dict[str, int]:
         states = await self.replica_states()
-        return {name: counts.get(ReplicaState.RUNNING.value, 0) for name, counts in states.items()}
+        return {name: counts.get(self.RUNNING, 0) for name, counts in states.items()}
 
-    async def scale_and_wait(self, deployment: str, replicas: int, timeout: float = 120) -> float:
+    async def scale_and_wait(
+        self, deployment: str, replicas: int, timeout: float = SCALE_TIMEOUT_SECONDS
+    ) -> float:
         """Scale, then wait until exactly `replicas` run and none start or stop. Seconds taken."""
         started = time.perf_counter()
         await self.scale(deployment, replicas)
         while True:
             counts = (await self.replica_states()).get(deployment, {})
-            running = counts.get(ReplicaState.RUNNING.value, 0)
+            running = counts.get(self.RUNNING, 0)
             if running == replicas and sum(counts.values()) == replicas:
                 return time.perf_counter() - started
             if time.perf_counter() - started > timeout:
-                raise TimeoutError(
+                raise ScalingError(
                     f"deployment {deployment} did not reach {replicas} replica(s) in {timeout:.0f} s "
                     f"(now: {counts})"
                 )
             await asyncio.sleep(POLL_SECONDS)
 
-    async def wait_until_app_running(self) -> None:
-        while True:
+    async def wait_until_app_settled(self) -> None:
+        """Wait until Serve has deployed the application (running, or failed to)."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+        settled = (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        while time.monotonic() < deadline:
             status = await asyncio.to_thread(serve.status)
             app = status.applications.get(self.app_name)
-            if app is not None and app.status == ApplicationStatus.RUNNING:
+            if app is not None and app.status in settled:
                 return
             await asyncio.sleep(POLL_SECONDS * 5)

@@ -78,15 +78,20 @@ class GenerativeServer(ModelServer):
         self.default_max_tokens = config.default_max_tokens
         self.adapter = adapter_for(entry.family)
 
-    async def generate(self, job: TextJob) -> tuple[str, Finish]:
+    async def generate(self, job: TextJob, lease_id: str) -> tuple[str, Finish]:
         pieces: list[str] = []
-        async for event in self.stream(job):
+        async for event in self.stream(job, lease_id):
             if isinstance(event, Finish):
                 return "".join(pieces), event
             pieces.append(event)
         raise RuntimeError("generation ended without a finish event")
 
-    def stream(self, job: TextJob) -> AsyncIterator[Event]:
+    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator[Event]:
+        async with self.serving(lease_id):
+            async for event in self.events(job):
+                yield event
+
+    def events(self, job: TextJob) -> AsyncIterator[Event]:
         raise NotImplementedError
 
 
@@ -100,9 +105,9 @@ class TextModel(GenerativeServer):
         self.context_length: int | None = None
         self.prompt_cache_bytes = self.reserved_bytes = config.prompt_cache_bytes
 
-    async def stream(self, job: TextJob) -> AsyncIterator[Event]:
-        self.require_loaded()
-        prompt = self._prompt_tokens(job)
+    async def events(self, job: TextJob) -> AsyncIterator[Event]:
+        # Templates and tokenizers are plain Python over the whole prompt: not on the loop.
+        prompt = await asyncio.to_thread(self._prompt_tokens, job)
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         sequence = Sequence(
@@ -156,9 +161,6 @@ class TextModel(GenerativeServer):
             partial(make_sampler, self.adapter),
             prompt_cache_bytes=self.prompt_cache_bytes,
         )
-
-    def _release_weights(self) -> None:
-        self.model = self.tokenizer = self.engine = None
 
     # -- prompt ---------------------------------------------------------------------------
 

@@ -22,8 +22,7 @@ class VisionModel(GenerativeServer):
         self.model = None
         self.processor = None
 
-    async def stream(self, job: TextJob) -> AsyncIterator[Event]:
-        self.require_loaded()
+    async def events(self, job: TextJob) -> AsyncIterator[Event]:
         if len(job.images) > 1 and self.entry.family in SINGLE_IMAGE_FAMILIES:
             raise ApiError(
                 400,
@@ -40,9 +39,6 @@ class VisionModel(GenerativeServer):
         from mlx_vlm import load
 
         self.model, self.processor = load(self.entry.path)
-
-    def _release_weights(self) -> None:
-        self.model = self.processor = None
 
     def _events(self, job: TextJob) -> Iterator[Event]:
         from mlx_vlm import stream_generate

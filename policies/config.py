@@ -109,6 +109,24 @@ class AppConfig(BaseModel):
         default="60s",
         description="How long a load waits for busy models to finish before it answers 503.",
     )
+    lease_ttl: Duration = Field(
+        default="20s",
+        description="A request's hold on its model ends this long after its ingress last "
+        "renewed it: how soon a model is free again when an ingress dies.",
+    )
+    request_body_timeout: Duration = Field(
+        default="30s", description="Time a client has to send the whole request body."
+    )
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _usable_key(cls, key: str | None) -> str | None:
+        if key is not None and (not key.strip() or not key.isascii() or not key.isprintable()):
+            raise ValueError(
+                "admin_api_key must be printable ASCII and not empty (leave it out to "
+                "keep the admin endpoints open)"
+            )
+        return key
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppConfig":
@@ -140,6 +158,14 @@ class AppConfig(BaseModel):
     @property
     def load_wait_seconds(self) -> float:
         return parse_duration(self.load_wait_timeout)
+
+    @property
+    def lease_ttl_seconds(self) -> float:
+        return parse_duration(self.lease_ttl)
+
+    @property
+    def request_body_seconds(self) -> float:
+        return parse_duration(self.request_body_timeout)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from pathlib import Path
 TEXT = "text-generation"
 VISION = "vision"
 EMBEDDINGS = "embeddings"
-MODEL_TYPES = (TEXT, VISION, EMBEDDINGS)
 
 DEFAULT_FAMILY = "llama"
 

@@ -13,8 +13,10 @@ import base64
 import logging
 import random
 import socket
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
@@ -25,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from deployments import media
 from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.openai_types import ApiError
 
@@ -50,6 +53,22 @@ def noise_png(size: tuple[int, int]) -> bytes:
     """A PNG that does not compress, so its byte size is predictable from its pixels."""
     rng = random.Random(0)
     return encode(Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)))
+
+
+def blank_png(size: tuple[int, int]) -> bytes:
+    """A valid 1-bit black PNG, written by hand row by row: KBs, where Pillow would need MBs."""
+    width, height = size
+    row = bytes(1 + (width + 7) // 8)  # filter byte, then 8 pixels a byte
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
 
 
 def data_url(data: bytes, media_type: str = "image/png") -> str:
@@ -314,6 +333,86 @@ def test_decompression_bombs_are_400(monkeypatch):
     # Beyond twice the limit Pillow raises DecompressionBombError, which must not become a 500.
     error = load_error(data_url(png((100, 100))))
     assert "too many pixels" in error.message
+
+
+def test_too_many_pixels_are_refused_from_the_header_before_decoding():
+    big = blank_png((9000, 9000))  # 243 MB as RGB
+    assert len(big) < 20_000
+    cut = big[:200]  # the header and the start of the pixel data
+    for data in (big, cut):
+        with pytest.raises(ApiError) as caught:
+            load([data_url(png()), data_url(data)])
+        assert caught.value.message == (
+            "Image 2: 9000x9000 pixels is more than this server decodes"
+            " (16,777,216 pixels, 4 x image_max_side²)"
+        )
+    # Under a cap that fits, the cut image fails as it decodes: so the refusal above came first.
+    error = load_error(data_url(cut), ImagePolicy(max_side=4500))
+    assert "corrupt or truncated" in error.message, error.message
+
+
+def test_the_pixel_cap_is_four_times_max_side_squared():
+    policy = ImagePolicy(max_side=64)  # 16,384 pixels
+    [image] = load([data_url(png((128, 128)))], policy)
+    assert image.size == (64, 64)
+    error = load_error(data_url(png((129, 128))), policy)
+    assert error.message == (
+        "Image 1: 129x128 pixels is more than this server decodes"
+        " (16,384 pixels, 4 x image_max_side²)"
+    )
+
+
+@pytest.mark.parametrize(
+    "orientation, shown, resized", [(1, "4000x3000", (512, 384)), (6, "3000x4000", (384, 512))]
+)
+def test_large_jpeg_is_decoded_at_a_reduced_scale(serve_log, orientation, shown, resized):
+    # 12 M pixels are far over the 1 M cap of max_side 512: this passes only because the JPEG
+    # decodes at 1/4 scale (1000x750), then is resized as any other image.
+    image = Image.new("RGB", (4000, 3000), "blue")
+    image.paste((255, 0, 0), (0, 0, 2000, 3000))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    jpeg = encode(image, "JPEG", exif=exif)
+    [loaded] = load([data_url(jpeg, "image/jpeg")], ImagePolicy(max_side=512))
+    assert (loaded.size, loaded.mode) == (resized, "RGB")
+    assert [record.getMessage() for record in serve_log.records] == [
+        f"image 1 resized from {shown} to {resized[0]}x{resized[1]} (image_max_side=512)"
+    ]
+    red = loaded.getpixel((10, 10))  # top left: red either way (orientation 6 puts it on top)
+    assert red[0] > 200 and red[2] < 60
+
+
+def test_at_most_two_images_decode_at_once(monkeypatch):
+    real_decode = media._decode_image
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting_decode(*args) -> Image.Image:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.1)  # long enough for every other decode to be waiting
+            return real_decode(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(media, "_decode_image", counting_decode)
+
+    async def three_requests() -> list[list[Image.Image]]:
+        requests = [
+            [ImageRef(data_url(png((width, 1))), PARAM) for width in (n, n + 10)]
+            for n in (1, 2, 3)
+        ]
+        return await asyncio.gather(*(load_images(refs, ImagePolicy()) for refs in requests))
+
+    results = asyncio.run(three_requests())
+    assert [[image.size for image in images] for images in results] == [
+        [(1, 1), (11, 1)], [(2, 1), (12, 1)], [(3, 1), (13, 1)]
+    ]
+    assert peak == media.MAX_CONCURRENT_DECODES == 2
 
 
 # --- downloads from a loopback server -----------------------------------------------------

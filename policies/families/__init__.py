@@ -1,7 +1,8 @@
 """Chat-template quirks per model family, one small module each, all the same shape.
 
-Each module defines `ADAPTER`. Families without a module (phi, deepseek, ...) use llama's,
-which trusts the model's own chat template and adds nothing.
+Each module defines `ADAPTER`. Families without a module (phi, deepseek, ...) use llama's:
+the model's own chat template as is, Llama 3's end-of-turn tokens as stops where the
+tokenizer has them, a BOS where the template writes none, and Meta's sampling defaults.
 """
 
 from __future__ import annotations

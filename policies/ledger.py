@@ -1,0 +1,369 @@
+"""The controller's bookkeeping: which models hold memory, what they cost, who is using them.
+
+Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment owns one
+`Ledger` and does the slow work its decisions call for (scaling replicas, loading weights).
+
+- A model's status changes only through `_move`, which checks the transition and logs it.
+- A request holds a `Lease` on its model from acquire to the end of its response. Leases
+  expire unless renewed, so a holder that died frees its model within `lease_ttl`; a
+  released lease cannot come back through a late renewal.
+- Loads are admitted by `admit`: evict least recently used idle models, wait for busy or
+  loading ones, or refuse what cannot fit even when everything unpinned is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from policies.config import ModelEntry
+from policies.eviction import Evict, Insufficient, Resident, headroom, plan
+
+logger = logging.getLogger("ray.serve")
+
+# Released lease ids remembered so that a renewal racing the release cannot revive them.
+RELEASED_MEMORY = 100_000
+
+
+class Status(str, Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+
+
+HOLDS_MEMORY = (Status.LOADING, Status.LOADED, Status.UNLOADING)
+
+ALLOWED = {
+    (Status.UNLOADED, Status.LOADING),  # admitted, or a starting replica adopted
+    (Status.UNLOADED, Status.LOADED),  # a replica with weights adopted after a restart
+    (Status.LOADING, Status.LOADED),
+    (Status.LOADING, Status.UNLOADING),  # the load failed: its replica must go
+    (Status.LOADING, Status.UNLOADED),  # the load failed and no replica is left
+    (Status.LOADED, Status.LOADING),  # the replica was replaced without weights: reload
+    (Status.LOADED, Status.UNLOADING),  # evicted, unloaded by an admin, or idle too long
+    (Status.UNLOADING, Status.UNLOADED),
+    (Status.UNLOADING, Status.LOADED),  # scaling down failed and the weights are still there
+}
+
+
+class LedgerError(RuntimeError):
+    """A caller asked for something the ledger's state does not allow (a bug, not input)."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a replica measured after loading its model."""
+
+    bytes: int  # the whole cost: process, weights and what it may grow into
+    weights_bytes: int
+    process_bytes: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's claim on a loaded model; `ttl` seconds unless renewed."""
+
+    id: str
+    model: str
+    ttl: float
+
+
+@dataclass
+class _LeaseRecord:
+    lease: Lease
+    granted_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Only busy or loading models stand in the way: wait for them to finish."""
+
+    message: str  # why the model does not fit now
+
+
+@dataclass
+class ModelRecord:
+    entry: ModelEntry
+    estimated_bytes: int
+    pinned: bool
+    status: Status = Status.UNLOADED
+    leases: set[str] = field(default_factory=set)
+    waiting: int = 0  # acquirers waiting for this model's load
+    last_used: float | None = None
+    measured: Measured | None = None
+    loads: int = 0
+    evictions: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def cost(self) -> int:
+        """Bytes charged: the override, else the last measurement, else the estimate."""
+        if self.entry.memory_bytes is not None:
+            return self.entry.memory_bytes
+        return self.measured.bytes if self.measured is not None else self.estimated_bytes
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.status in HOLDS_MEMORY
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.leases or self.waiting)
+
+
+class Ledger:
+    def __init__(
+        self, limit: int, entries: list[ModelEntry], estimates: dict[str, int], lease_ttl: float
+    ):
+        self.limit = limit
+        self.lease_ttl = lease_ttl
+        self.models = {
+            entry.id: ModelRecord(entry, estimates[entry.id], entry.pinned) for entry in entries
+        }
+        self._leases: dict[str, _LeaseRecord] = {}
+        self._released: OrderedDict[str, None] = OrderedDict()
+
+    def __getitem__(self, model_id: str) -> ModelRecord:
+        return self.models[model_id]
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self.models
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _move(self, record: ModelRecord, status: Status, reason: str) -> None:
+        """The one place a model's status changes."""
+        if (record.status, status) not in ALLOWED:
+            raise LedgerError(f"model {record.id}: {record.status.value} -> {status.value} ({reason})")
+        logger.info("model %s: %s -> %s (%s)", record.id, record.status.value, status.value, reason)
+        record.status = status
+
+    def admit(self, model_id: str, os_available: int) -> Evict | Wait | Insufficient:
+        """Decide whether an unloaded model may load now; on `Evict`, claim its room.
+
+        Claiming marks the victims unloading and the model loading in one step, so two
+        admissions can never plan with the same free bytes.
+        """
+        record = self.models[model_id]
+        if record.status != Status.UNLOADED:
+            raise LedgerError(f"model {model_id} is {record.status.value}, not unloaded")
+        others = [r for r in self.models.values() if r.holds_memory]
+        available = self._os_available(os_available)
+        decision = plan([self._resident(r) for r in others], record.cost, self.limit, available)
+        if isinstance(decision, Insufficient):
+            # Busy and loading models finish in time; only pinned ones stay for good.
+            eventually = plan(
+                [self._resident(r, eventually_idle=True) for r in others],
+                record.cost,
+                self.limit,
+                available,
+            )
+            return decision if isinstance(eventually, Insufficient) else Wait(decision.message)
+        for victim in decision.victims:
+            self._move(self.models[victim], Status.UNLOADING, f"evicted to fit {model_id}")
+        evicted = f" after evicting {', '.join(decision.victims)}" if decision.victims else ""
+        self._move(record, Status.LOADING, f"admitted{evicted}")
+        return decision
+
+    def finish_load(self, model_id: str, measured: Measured, now: float) -> None:
+        record = self.models[model_id]
+        if record.status != Status.LOADING:
+            raise LedgerError(f"model {model_id} is {record.status.value}: no load to finish")
+        record.measured = measured
+        record.loads += 1
+        record.last_used = now
+        self._move(record, Status.LOADED, "loaded")
+
+    def fail_load(self, model_id: str, reason: str) -> None:
+        """The load failed; its replica must still be scaled down (`finish_unload`)."""
+        self._move(self.models[model_id], Status.UNLOADING, f"load failed: {reason}")
+
+    def begin_reload(self, model_id: str, reason: str) -> None:
+        self._move(self.models[model_id], Status.LOADING, reason)
+
+    def begin_unload(self, model_id: str, reason: str) -> bool:
+        """Mark a loaded model unloading if nothing uses it; False if it is busy or not loaded."""
+        record = self.models[model_id]
+        if record.status != Status.LOADED or record.busy:
+            return False
+        self._move(record, Status.UNLOADING, reason)
+        return True
+
+    def finish_unload(self, model_id: str, reason: str, evicted: bool) -> None:
+        record = self.models[model_id]
+        if evicted:
+            record.evictions += 1
+        self._move(record, Status.UNLOADED, reason)
+
+    def restore(self, model_id: str, status: Status, reason: str) -> None:
+        """Set what Serve really runs after a scaling call failed or timed out."""
+        record = self.models[model_id]
+        if record.status != status:
+            self._move(record, status, reason)
+
+    def adopt(
+        self,
+        model_id: str,
+        status: Status,
+        measured: Measured | None,
+        lease_ids: list[str],
+        now: float,
+    ) -> None:
+        """Take over a model a previous controller left running, with its live requests."""
+        record = self.models[model_id]
+        record.measured = measured or record.measured
+        record.last_used = now
+        self._move(record, status, "adopted from a running replica")
+        for lease_id in lease_ids:
+            self._add_lease(Lease(lease_id, model_id, self.lease_ttl), now)
+
+    def take_idle(self, now: float) -> list[str]:
+        """Models unused for longer than their idle TTL, marked unloading."""
+        expired = [
+            r.id
+            for r in self.models.values()
+            if r.status == Status.LOADED
+            and r.entry.idle_ttl
+            and not (r.pinned or r.busy)
+            and now - (r.last_used if r.last_used is not None else now) > r.entry.idle_ttl
+        ]
+        for model_id in expired:
+            self._move(self.models[model_id], Status.UNLOADING, "idle_ttl")
+        return expired
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def grant(self, model_id: str, now: float) -> Lease:
+        record = self.models[model_id]
+        if record.status != Status.LOADED:
+            raise LedgerError(f"model {model_id} is {record.status.value}; leases need it loaded")
+        lease = Lease(uuid.uuid4().hex, model_id, self.lease_ttl)
+        self._add_lease(lease, now)
+        return lease
+
+    def renew(self, held: dict[str, str], now: float) -> int:
+        """Extend leases their holder still uses ({lease id: model id}); returns how many.
+
+        A lease this ledger does not know (granted before a controller restart, before its
+        request reached the replica) comes back if its model is loaded and it was never
+        released here.
+        """
+        renewed = 0
+        for lease_id, model_id in held.items():
+            record = self._leases.get(lease_id)
+            if record is not None:
+                record.expires_at = now + self.lease_ttl
+                renewed += 1
+            elif (
+                lease_id not in self._released
+                and model_id in self.models
+                and self.models[model_id].status == Status.LOADED
+            ):
+                self._add_lease(Lease(lease_id, model_id, self.lease_ttl), now)
+                renewed += 1
+        return renewed
+
+    def release(self, lease_id: str, now: float) -> Lease | None:
+        """End a lease; None if it had already ended (releasing twice is harmless)."""
+        record = self._leases.pop(lease_id, None)
+        self._remember_released(lease_id)
+        if record is None:
+            return None
+        model = self.models[record.lease.model]
+        model.leases.discard(lease_id)
+        model.last_used = now
+        return record.lease
+
+    def expire_leases(self, now: float) -> list[Lease]:
+        """End leases whose holder stopped renewing them (a dead ingress, a lost release)."""
+        expired = [r.lease for r in self._leases.values() if r.expires_at <= now]
+        for lease in expired:
+            self.release(lease.id, now)
+        return expired
+
+    def next_lease_expiry(self) -> float | None:
+        return min((r.expires_at for r in self._leases.values()), default=None)
+
+    def _add_lease(self, lease: Lease, now: float) -> None:
+        self._leases[lease.id] = _LeaseRecord(lease, now, now + lease.ttl)
+        record = self.models[lease.model]
+        record.leases.add(lease.id)
+        record.last_used = now
+
+    def _remember_released(self, lease_id: str) -> None:
+        self._released[lease_id] = None
+        if len(self._released) > RELEASED_MEMORY:
+            self._released.popitem(last=False)
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def used(self) -> int:
+        return sum(r.cost for r in self.models.values() if r.holds_memory)
+
+    def available(self, os_available: int) -> int:
+        residents = [self._resident(r) for r in self.models.values() if r.holds_memory]
+        return max(0, headroom(residents, self.limit, self._os_available(os_available)))
+
+    def _os_available(self, os_available: int) -> int:
+        # Loading models have their bytes claimed here but not yet taken from the OS.
+        return os_available - sum(r.cost for r in self.models.values() if r.status == Status.LOADING)
+
+    @staticmethod
+    def _resident(record: ModelRecord, eventually_idle: bool = False) -> Resident:
+        return Resident(
+            id=record.id,
+            bytes=record.cost,
+            last_used=record.last_used or 0.0,
+            pinned=record.pinned,
+            in_flight=0 if eventually_idle else len(record.leases) + record.waiting,
+            loading=not eventually_idle and record.status != Status.LOADED,
+        )
+
+    # -- views ------------------------------------------------------------------------------
+
+    def view(self, now: float, os_available: int) -> dict[str, Any]:
+        return {
+            "memory_limit_bytes": self.limit,
+            "used_bytes": self.used(),
+            "available_bytes": self.available(os_available),
+            "models": [self._model_view(r, now) for r in self.models.values()],
+        }
+
+    def _model_view(self, r: ModelRecord, now: float) -> dict[str, Any]:
+        leases = sorted(
+            (self._leases[i] for i in r.leases), key=lambda record: record.granted_at
+        )
+        return {
+            "id": r.id,
+            "type": r.entry.type,
+            "family": r.entry.family,
+            "status": r.status.value,
+            "pinned": r.pinned,
+            "memory_bytes": r.cost if r.holds_memory else None,
+            "estimated_bytes": r.estimated_bytes,
+            "weights_bytes": r.measured.weights_bytes if r.measured else None,
+            "process_bytes": r.measured.process_bytes if r.measured else None,
+            "last_used": r.last_used,
+            "in_flight": len(r.leases),
+            "waiting": r.waiting,
+            "leases": [
+                {
+                    "id": record.lease.id,
+                    "age_s": round(now - record.granted_at, 3),
+                    "expires_in_s": round(record.expires_at - now, 3),
+                }
+                for record in leases
+            ],
+            "loads": r.loads,
+            "evictions": r.evictions,
+        }
+
