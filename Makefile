@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 models: setup
 	$(PY) scripts/make_demo_models.py
 
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a single-host cluster whose servers (GCS, raylet,
+# agents, workers) listen on 127.0.0.1 only, as Ray does by default on macOS.
 serve: models
-	HF_HUB_OFFLINE=1 $(VENV)/bin/serve run serve_config.yaml
+	HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/serve run serve_config.yaml
 
 test: models
 	$(PY) -m pytest

@@ -39,6 +39,8 @@ logger = logging.getLogger("ray.serve")
 # restarts a dead replica without them), and how long one answer may take.
 REPLICA_CHECK_SECONDS = 5.0
 REPLICA_ANSWER_SECONDS = 10.0
+# How long replicas without weights found at start stay up for a request that wants them.
+SPARE_GRACE_SECONDS = 5.0
 
 
 def memory_limit_bytes(limit: str | int) -> int:
@@ -362,13 +364,19 @@ class Controller:
         )
 
     def _evict(self, model_id: str, reason: str) -> asyncio.Task:
-        """Scale a model (already marked unloading) to zero; the task ends when it is gone.
+        """Scale a model (already marked unloading) to zero; the task ends when it is gone."""
+        return self._unloading_task(model_id, self._scale_to_zero(model_id, reason))
 
-        Registered at once, so that a load of the same model always finds it and waits.
-        """
-        task = self._spawn(self._scale_to_zero(model_id, reason), log=False)
+    def _unloading_task(self, model_id: str, work: Awaitable[Any]) -> asyncio.Task:
+        """Registered at once, so that a load of the same model always finds it and waits."""
+        task = self._spawn(work, log=False)
         self._unloading[model_id] = task
-        task.add_done_callback(lambda _: self._unloading.pop(model_id, None))
+
+        def forget(_: asyncio.Task) -> None:
+            if self._unloading.get(model_id) is task:
+                del self._unloading[model_id]
+
+        task.add_done_callback(forget)
         return task
 
     async def _scale_to_zero(self, model_id: str, reason: str) -> None:
@@ -419,11 +427,18 @@ class Controller:
         )
 
     async def _check_replica(self, model_id: str) -> None:
-        """Reload a model whose replica Serve replaced (it starts without weights)."""
+        """Reload a model whose replica Serve replaced (it starts without weights), or take
+        note that the replacement loaded them already for a request."""
         state = await self._replica_state(model_id)
         record = self.ledger[model_id]
-        if state is None or state.weights == "loaded" or record.status != Status.LOADED:
+        if state is None or record.status != Status.LOADED:
             return  # no answer yet (a replica restarting answers later), or nothing to do
+        if state.weights == "loaded":
+            known = record.measured.replica if record.measured else None
+            if state.report.replica != known:
+                self.ledger.replica_replaced(model_id, state.report.measured(), time.time())
+                self.metrics["loads"].inc(tags={"model": model_id})
+            return
         self.ledger.begin_reload(model_id, "its replica was replaced without weights (it died?)")
         await self._notify()
         try:
@@ -446,7 +461,7 @@ class Controller:
     # -- start, restart and expiry --------------------------------------------------------------
 
     async def _start(self) -> None:
-        """Adopt what Serve really runs, scale idle replicas to zero, load pinned models.
+        """Adopt what Serve really runs, load pinned models, stop weightless replicas.
 
         At a fresh start every model deployment has one replica without weights. After a
         controller restart some replicas hold weights (adopted as loaded, with the leases of
@@ -455,44 +470,67 @@ class Controller:
         await self.scaler.wait_until_app_settled()
         replicas = await self.scaler.replica_states()
         now = time.time()
-        idle: list[str] = []
-        for record in self.ledger.models.values():
+        records = list(self.ledger.models.values())
+        running = [replicas.get(r.entry.deployment, {}).get(ReplicaScaler.RUNNING, 0) for r in records]
+        states = await asyncio.gather(
+            *(self._replica_state(r.id) if n else asyncio.sleep(0) for r, n in zip(records, running))
+        )
+        spares: list[str] = []
+        for record, replicas_running, state in zip(records, running, states):
             counts = replicas.get(record.entry.deployment, {})
-            running = counts.get(ReplicaScaler.RUNNING, 0)
-            starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
-            state = await self._replica_state(record.id) if running else None
+            starting = sum(counts.values()) - replicas_running - counts.get(ReplicaScaler.STOPPING, 0)
             if state is not None and state.weights != "none":
                 status = Status.LOADED if state.weights == "loaded" else Status.LOADING
                 measured = state.report.measured() if state.report else None
                 self.ledger.adopt(record.id, status, measured, state.leases, now)
-            elif starting and not running:
+            elif starting and not replicas_running:
                 # A previous controller was starting this model for a request: finish the load.
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now)
-            elif running and not record.pinned:
-                idle.append(record.id)
-        for record in self.ledger.models.values():
+            elif replicas_running:
+                spares.append(record.id)
+        for record in records:
             if record.status == Status.LOADING:
                 self._single_flight(self._loading, record.id, self._load)
-        # Replicas without weights: nothing to account for, only processes to stop.
-        await asyncio.gather(
-            *(self.scaler.scale_and_wait(self.ledger[i].entry.deployment, 0) for i in idle),
-            return_exceptions=True,  # a replica that does not stop now is stopped by Serve later
-        )
-        adopted = [r.id for r in self.ledger.models.values() if r.holds_memory]
         logger.info(
-            "controller ready: budget %s, adopted %s, scaled %d idle replicas to zero",
+            "controller ready: budget %s, adopted %s, %d replicas without weights",
             format_gb(self.ledger.limit),
-            adopted or "no loaded models",
-            len(idle),
+            [r.id for r in records if r.holds_memory] or "no loaded models",
+            len(spares),
         )
         self._ready.set()
         await self._notify()
-        for record in self.ledger.models.values():
+        self._spawn(self._retire_spares(spares))
+        for record in records:
             if record.pinned and record.status != Status.LOADED:
                 try:
                     await self.preload(record.id)
                 except ApiError as error:
                     logger.error("pinned model %s not loaded: %s", record.id, error.message)
+
+    async def _retire_spares(self, model_ids: list[str]) -> None:
+        """Stop the weightless replicas found at start, unless a request wanted one first.
+
+        A request that comes within SPARE_GRACE_SECONDS (the first after start, or one that
+        retried through a controller restart) loads into the replica already running
+        rather than waiting for a new process.
+        """
+        await asyncio.sleep(SPARE_GRACE_SECONDS)
+        retiring = [
+            model_id
+            for model_id in model_ids
+            if self.ledger[model_id].status == Status.UNLOADED and model_id not in self._loading
+        ]
+        tasks = [
+            self._unloading_task(m, self.scaler.scale_and_wait(self.ledger[m].entry.deployment, 0))
+            for m in retiring
+        ]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        stuck = [m for m, result in zip(retiring, results) if isinstance(result, BaseException)]
+        logger.info(
+            "stopped %d replicas without weights%s",
+            len(retiring) - len(stuck),
+            f"; Serve is still stopping {stuck}" if stuck else "",
+        )
 
     async def _expire_leases(self) -> None:
         expired = self.ledger.expire_leases(time.time())

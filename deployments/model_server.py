@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import psutil
+from ray import serve
 
 from policies.config import AppConfig, ModelEntry
 from policies.ledger import Measured
@@ -34,6 +35,7 @@ class LoadReport:
     process_bytes: int  # resident memory of the whole replica process after load
     process_before_bytes: int  # the same before loading
     reserved_bytes: int = 0  # what the server may still grow into (its prompt cache budget)
+    replica: str = ""  # the replica that loaded it
 
     @property
     def bytes(self) -> int:
@@ -46,7 +48,7 @@ class LoadReport:
         return measured + self.reserved_bytes
 
     def measured(self) -> Measured:
-        return Measured(self.bytes, self.weights_bytes, self.process_bytes)
+        return Measured(self.bytes, self.weights_bytes, self.process_bytes, self.replica)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ModelServer:
         self._report: LoadReport | None = None
         self._leases: Counter[str] = Counter()
         self.reserved_bytes = 0
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -187,4 +190,5 @@ class ModelServer:
             process_bytes=process.memory_info().rss,
             process_before_bytes=rss_before,
             reserved_bytes=self.reserved_bytes,
+            replica=self.replica,
         )

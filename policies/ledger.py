@@ -62,6 +62,7 @@ class Measured:
     bytes: int  # the whole cost: process, weights and what it may grow into
     weights_bytes: int
     process_bytes: int
+    replica: str = ""  # which replica measured it: a different one means it was replaced
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,20 @@ class Ledger:
         record.loads += 1
         record.last_used = now
         self._move(record, Status.LOADED, "loaded")
+
+    def replica_replaced(self, model_id: str, measured: Measured, now: float) -> None:
+        """A loaded model's replica died and its replacement already loaded the weights again
+        (for a request that reached it first): count the load, take its measurement."""
+        record = self.models[model_id]
+        logger.warning(
+            "model %s: replica %s replaced by %s, which reloaded the weights",
+            model_id,
+            record.measured.replica if record.measured else "?",
+            measured.replica,
+        )
+        record.measured = measured
+        record.loads += 1
+        record.last_used = now
 
     def fail_load(self, model_id: str, reason: str) -> None:
         """The load failed; its replica must still be scaled down (`finish_unload`)."""

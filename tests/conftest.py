@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -19,11 +20,28 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "mlx-fleet"
 
+# The single-host setting of `make serve`: Ray's own servers listen on loopback only. Read
+# by Ray when it is imported, so set before any test module imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    """Poll `condition` until it holds; a server that is restarting may fail a poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def default_app_args() -> dict:

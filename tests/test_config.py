@@ -23,6 +23,7 @@ def test_defaults_are_sane():
     assert cfg.models[0].pinned is False
     assert cfg.models[0].memory_bytes is None
     assert cfg.max_request_bytes == 32_000_000
+    assert (cfg.lease_ttl_seconds, cfg.request_body_seconds) == (20, 30)
 
 
 def test_full_model_spec():
@@ -51,6 +52,11 @@ def test_full_model_spec():
         ({"models": [{"id": "fleet-ingress", "path": "p"}]}, "reserved"),
         ({"models": [{"id": " a", "path": "p"}]}, "surrounding spaces"),
         ({"models": [{"id": "a", "path": "p"}], "image_max_side": 0}, "image_max_side"),
+        ({"models": [{"id": "a", "path": "p"}], "admin_api_key": ""}, "admin_api_key"),
+        ({"models": [{"id": "a", "path": "p"}], "admin_api_key": "   "}, "admin_api_key"),
+        ({"models": [{"id": "a", "path": "p"}], "admin_api_key": "clé"}, "admin_api_key"),
+        ({"models": [{"id": "a", "path": "p"}], "lease_ttl": "0s"}, "lease_ttl"),
+        ({"models": [{"id": "a", "path": "p"}], "request_body_timeout": "soon"}, "request_body_timeout"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(args, words):

@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import serve
 
-from tests.conftest import run_app
+from tests.conftest import run_app, wait_for
 
 APP = "mlx-fleet-mem"
 KEY = "sekret"
@@ -52,18 +52,6 @@ def mem(mem_url):
             if model["id"] in UNPINNED and model["status"] != "unloaded":
                 assert client.post(f"/admin/models/{model['id']}/unload").status_code == 200
         yield client
-
-
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def model_view(url: str, model_id: str) -> dict:
@@ -188,7 +176,8 @@ def test_stream_in_flight_is_not_cut_by_an_eviction(mem):
 
 def test_admin_preload_and_unload(mem, mem_url):
     # Without the key, with a wrong key: 401 in the OpenAI envelope.
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    non_ascii = {"Authorization": "Bearer sékret\u00ff".encode("latin-1")}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, non_ascii):
         response = httpx.post(f"{mem_url}/admin/models/c/load", headers=headers)
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"

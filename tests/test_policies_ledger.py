@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from policies.config import ModelEntry
 from policies.eviction import Evict, Insufficient
@@ -88,6 +88,15 @@ def test_replaced_replica_reloads_keeping_the_charge_and_the_leases():
         book.grant("a", now=2)  # new requests wait for the reload
     book.finish_load("a", Measured(GB, 1, 1), now=3)
     assert book["a"].loads == 2
+
+
+def test_a_replacement_that_reloaded_for_a_request_is_counted():
+    book = ledger(entry("a", memory=None))
+    book.admit("a", PLENTY)
+    book.finish_load("a", Measured(GB, 1, 1, replica="r1"), now=0)
+    book.replica_replaced("a", Measured(2 * GB, 1, 1, replica="r2"), now=5)
+    assert (book["a"].status, book["a"].loads, book["a"].measured.replica) == (Status.LOADED, 2, "r2")
+    assert book.used() == 2 * GB  # the new measurement is what is charged
 
 
 def test_restore_after_failed_scaling_takes_what_serve_runs():
