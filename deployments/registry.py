@@ -29,7 +29,8 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class ModelKind:
-    deployment: Deployment  # a class with load(), report() and the endpoints' methods
+    # A class with load(), state() and the endpoints' methods, which take the request's lease id.
+    deployment: Deployment
     capabilities: Capabilities
 
 

@@ -27,15 +27,17 @@ class EchoModel:
         self.loaded = LoadReport(model="echo", seconds=0.0, weights_bytes=0, process_bytes=1, process_before_bytes=1)
         return self.loaded
 
-    def report(self):
-        return self.loaded
+    def state(self):
+        from deployments.model_server import ReplicaState
 
-    async def generate(self, job: TextJob) -> tuple[str, Finish]:
+        return ReplicaState("loaded" if self.loaded else "none", self.loaded, [])
+
+    async def generate(self, job: TextJob, lease_id: str) -> tuple[str, Finish]:
         text = job.messages[-1]["content"][::-1]
         return text, Finish("stop", len(job.messages), len(text))
 
-    async def stream(self, job: TextJob) -> AsyncIterator:
-        text, finish = await self.generate(job)
+    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator:
+        text, finish = await self.generate(job, lease_id)
         for char in text:
             yield char
         yield finish
