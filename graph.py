@@ -20,7 +20,7 @@ from deployments.controller import Controller
 from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
-from policies.detection import detect
+from policies.detection import detect, gguf_file, read_gguf_metadata
 
 
 class ConfigError(ValueError):
@@ -34,37 +34,60 @@ def load_config(args: dict[str, Any]) -> AppConfig:
         raise ConfigError(f"invalid mlx-fleet config (application args):\n{error}") from None
 
 
-def resolve_path(spec: ModelSpec, allow_download: bool) -> str:
-    """A local directory for the model: the path itself, or its snapshot in the hub cache."""
+def resolve_path(spec: ModelSpec, config: AppConfig) -> str:
+    """Where the model's files are: its directory or GGUF file, or its hub cache snapshot."""
     local = Path(spec.path).expanduser()
-    if local.is_dir():
+    if local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf"):
         return str(local.resolve())
     if local.is_absolute() or spec.path.startswith((".", "~")) or spec.path.count("/") != 1:
         raise ConfigError(
-            f"model {spec.id!r}: path {spec.path!r} is not a directory. Give a model directory "
-            "or a hub repo id such as 'mlx-community/Qwen2.5-0.5B-Instruct-4bit'"
+            f"model {spec.id!r}: path {spec.path!r} is neither a model directory nor a .gguf "
+            "file. Give one of those or a hub repo id such as "
+            "'mlx-community/Qwen2.5-0.5B-Instruct-4bit'"
             + (" (run `make models` to build the demo models)" if "models/" in spec.path else "")
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(spec.path, local_files_only=True)
+        return snapshot_download(spec.path, local_files_only=True, cache_dir=config.hub_cache_dir)
     except LocalEntryNotFoundError:
-        if allow_download:
+        if config.allow_download:
             # The replica downloads it when the model is first loaded.
             return spec.path
         raise ConfigError(
-            f"model {spec.id!r}: {spec.path!r} is not in the local hub cache. Download it "
+            f"model {spec.id!r}: {spec.path!r} is not in the local hub cache"
+            f"{f' ({config.hub_cache_dir})' if config.hub_cache_dir else ''}. Download it "
             f"first (`hf download {spec.path}`) or set `allow_download: true`"
         ) from None
+
+
+def _gguf_architecture(spec: ModelSpec, path: str) -> None:
+    """Refuse at start a GGUF whose architecture the converter does not know."""
+    from deployments.gguf import SUPPORTED
+
+    found = gguf_file(path)
+    if found is None:
+        return
+    architecture = read_gguf_metadata(found).get("general.architecture")
+    if architecture not in SUPPORTED:
+        raise ConfigError(
+            f"model {spec.id!r}: {found.name} is a GGUF of architecture {architecture!r}; this "
+            f"server converts GGUF files of {', '.join(SUPPORTED)}"
+        )
 
 
 def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) -> list[ModelEntry]:
     catalog = []
     for spec in config.models:
-        path = resolve_path(spec, config.allow_download)
-        found = detect(path if Path(path).is_dir() else spec.path)
+        path = resolve_path(spec, config)
+        try:
+            _gguf_architecture(spec, path)
+            found = detect(path if Path(path).exists() else spec.path)
+        except ConfigError:
+            raise
+        except ValueError as error:  # several GGUF files in one folder
+            raise ConfigError(f"model {spec.id!r}: {error}") from None
         model_type = spec.type or found.type
         if model_type not in kinds:
             raise ConfigError(

@@ -25,6 +25,7 @@ SUITE: dict[str, int | None] = {
     "prompt_cache": 3,
     "hops": 2,
     "embeddings": 3,
+    "gguf": 3,
     "memory": None,
 }
 

@@ -36,7 +36,8 @@ Reported, for the soak phase only (warm-up outcomes are printed and kept in the 
   within 5 %. Model replicas come and go with evictions: they are matched by label (the
   deployment), and the sum of those present at both times is compared the same way.
   Processes present at only one of the two times (replicas of other models, Ray's idle
-  workers) are listed apart.
+  workers) are listed apart. The same long-lived processes are also sampled every 5 s while
+  traffic runs: their growth from the soak's midpoint to its end tells a trend from warm-up.
 * after traffic: leases left on any model (must be 0) and used_bytes <= memory_limit_bytes.
   During traffic `/admin/models` is sampled every 5 s: the highest used_bytes seen (it may
   pass the limit while evicted models are still unloading for one that waits to load), and
@@ -68,6 +69,7 @@ import psutil
 
 from bench.common import Summary, serve_app, summarize, write_result
 from bench.memory import MB, Snapshot, settled_snapshot, stack_snapshot, total
+from policies.config import deployment_name
 
 APP_NAME = "bench"  # serve_app's default; replica processes are ray::ServeReplica:<app>:<deployment>
 TEXT_MODELS = {  # id -> weight: two hot, three cold
@@ -80,6 +82,7 @@ TEXT_MODELS = {  # id -> weight: two hot, three cold
 VISION_MODEL = "tiny-qwen2-vl"
 EMBEDDINGS_MODEL = "all-MiniLM-L6-v2"
 ALL_MODELS = [*TEXT_MODELS, VISION_MODEL, EMBEDDINGS_MODEL]
+MODEL_DEPLOYMENTS = {deployment_name(m): m for m in ALL_MODELS}
 APP_ARGS: dict[str, Any] = {
     "memory_limit": "2.5GB",
     "load_wait_timeout": "60s",
@@ -432,7 +435,16 @@ async def monitor(client: httpx.AsyncClient, traffic: Traffic, started: float, s
         except (httpx.HTTPError, ValueError, KeyError) as error:
             traffic.admin_errors.append(f"{type(error).__name__}: {error}")
         snapshot = await asyncio.to_thread(stack_snapshot)
-        sample |= {"stack_rss_mb": total(snapshot) / MB, "processes": len(snapshot)}
+        sample |= {
+            "stack_rss_mb": total(snapshot) / MB,
+            "processes": len(snapshot),
+            # Every process but the model replicas, which come and go with evictions.
+            "long_lived_mb": {
+                f"{canonical(name)}[{pid}]": rss / MB
+                for pid, (name, rss) in snapshot.items()
+                if replica_deployment(name, MODEL_DEPLOYMENTS) is None
+            },
+        }
         traffic.samples.append(sample)
         try:
             await asyncio.wait_for(stop.wait(), MONITOR_INTERVAL_S)
@@ -504,11 +516,26 @@ def change_pct(start: float, end: float) -> float | None:
     return (end - start) / start * 100 if start else None
 
 
+def second_half_growth(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """RSS of each long-lived process at the soak's midpoint against its end, while traffic
+    runs: what the first half grows (imports, caches, allocator pools) is warm-up; what the
+    second half still grows is the trend."""
+    sampled = [s for s in samples if "long_lived_mb" in s]
+    if len(sampled) < 4:
+        return {"rows": [], "total": {"start_mb": 0.0, "end_mb": 0.0, "change_pct": None}}
+    middle, last = sampled[len(sampled) // 2]["long_lived_mb"], sampled[-1]["long_lived_mb"]
+    rows = [
+        {"label": name, "start_mb": middle[name], "end_mb": last[name], "change_pct": change_pct(middle[name], last[name])}
+        for name in sorted(middle)
+        if name in last
+    ]
+    start, end = sum(r["start_mb"] for r in rows), sum(r["end_mb"] for r in rows)
+    return {"rows": rows, "total": {"start_mb": start, "end_mb": end, "change_pct": change_pct(start, end)}}
+
+
 def compare_rss(start: Snapshot, end: Snapshot) -> dict[str, Any]:
     """Start against end: other processes by pid, model replicas by model, the rest apart."""
-    from policies.config import deployment_name
-
-    deployments = {deployment_name(m): m for m in ALL_MODELS}
+    deployments = MODEL_DEPLOYMENTS
 
     def split(snapshot: Snapshot) -> tuple[dict[int, tuple[str, int]], dict[str, list[tuple[int, int]]]]:
         others: dict[int, tuple[str, int]] = {}
@@ -717,6 +744,16 @@ def main() -> None:
     figures["driver_rss_start_mb"] = driver_start / MB
     figures["driver_rss_end_mb"] = driver_end / MB
 
+    trend = second_half_growth(soak.samples)
+    print("\nRSS, long-lived processes over the second half of the soak (traffic running)")
+    for row in trend["rows"]:
+        print(f"  {row['label'][:58]:58} {row['start_mb']:9.1f} {row['end_mb']:9.1f} {row['change_pct']:+8.1f}%")
+    trend_pct = trend["total"]["change_pct"] or 0.0
+    print(f"  {'total':58} {trend['total']['start_mb']:9.1f} {trend['total']['end_mb']:9.1f} {trend_pct:+8.1f}%")
+    figures["rss_long_lived_second_half_change_pct"] = trend_pct
+    trend_flat = abs(trend_pct) <= FLAT_TOLERANCE_PCT
+    figures["rss_long_lived_second_half_flat"] = float(trend_flat)
+
     leases_left = {m["id"]: len(m["leases"]) for m in view_end["models"] if m["leases"] or m["in_flight"]}
     figures["leases_left"] = sum(len(m["leases"]) for m in view_end["models"])
     figures["in_flight_left"] = sum(m["in_flight"] for m in view_end["models"])
@@ -734,6 +771,8 @@ def main() -> None:
     verdicts = {
         f"long-lived processes' RSS flat within {FLAT_TOLERANCE_PCT:g} %":
             (flat, f"{long_lived['change_pct']:+.1f} %"),
+        f"long-lived processes' RSS flat over the soak's second half within {FLAT_TOLERANCE_PCT:g} %":
+            (trend_flat, f"{trend_pct:+.1f} %"),
         f"replicas at both times flat within {FLAT_TOLERANCE_PCT:g} %":
             (replicas_flat, f"{replicas['change_pct'] or 0:+.1f} % over {len(rss['replicas_at_both'])} model(s)"),
         "no failed request": (
@@ -773,6 +812,7 @@ def main() -> None:
         "warmup_errors": warmup.errors(),
         "loads_evictions_per_model": per_model,
         "rss": rss,
+        "rss_second_half": trend,
         "leases_left_per_model": leases_left,
         "admin_end": view_end,
         "soak_samples": soak.samples,

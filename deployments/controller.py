@@ -30,7 +30,7 @@ from deployments.openai_types import ApiError, model_not_found
 from deployments.scaler import ReplicaScaler
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.eviction import Insufficient
-from policies.ledger import Lease, Ledger, ModelRecord, Status, Wait
+from policies.ledger import Lease, Ledger, ModelRecord, Status, Unsized, Wait
 from policies.memory import estimate_model_bytes, format_gb, parse_limit
 
 logger = logging.getLogger("ray.serve")
@@ -311,6 +311,12 @@ class Controller:
         deadline = time.monotonic() + self.config.load_wait_seconds
         while True:
             decision = self.ledger.admit(record.id, psutil.virtual_memory().available)
+            if isinstance(decision, Unsized):
+                raise load_failed(
+                    record.id,
+                    f"its size is unknown: {record.entry.path} is not on this machine yet. Download "
+                    f"it first (`hf download {record.entry.path}`) or give the model a `memory:` size",
+                )
             if isinstance(decision, Insufficient):
                 self._refuse(record.id, decision.message, retry=False)
             remaining = deadline - time.monotonic()

@@ -13,7 +13,9 @@ from deployments.batching import BatchEngine, Sequence, Step
 from deployments.model_server import ModelServer
 from deployments.openai_types import ApiError, Finish, Sampling, TextJob
 from policies.config import AppConfig, ModelEntry
-from policies.families import FamilyAdapter, adapter_for, render_chat
+from deployments.gguf import converted_model_dir, dequantize_by_default
+from policies.detection import gguf_file
+from policies.families import FamilyAdapter, adapter_for, render_chat, stop_tokens
 from policies.stop_strings import StopMatcher
 
 Event = str | Finish  # pieces of text, then one Finish
@@ -104,6 +106,8 @@ class TextModel(GenerativeServer):
         self.engine: BatchEngine | None = None
         self.context_length: int | None = None
         self.prompt_cache_bytes = self.reserved_bytes = config.prompt_cache_bytes
+        self.gguf_cache_dir = config.gguf_cache_dir
+        self.gguf_dequantize = config.gguf_dequantize
 
     async def events(self, job: TextJob) -> AsyncIterator[Event]:
         # Templates and tokenizers are plain Python over the whole prompt: not on the loop.
@@ -146,12 +150,17 @@ class TextModel(GenerativeServer):
     def _load(self) -> None:
         from mlx_lm import load
 
-        self.model, self.tokenizer, model_config = load(self.entry.path, return_config=True)
+        path = self.entry.path
+        gguf = gguf_file(path)
+        if gguf is not None:
+            dequantize = self.gguf_dequantize if self.gguf_dequantize is not None else dequantize_by_default()
+            path = str(converted_model_dir(gguf, self.gguf_cache_dir, dequantize))
+        self.model, self.tokenizer, model_config = load(path, return_config=True)
         self.context_length = model_config.get("max_position_embeddings")
         # Templates end a turn with a token the tokenizer may not list as EOS (<|eot_id|>,
         # <end_of_turn>): without it generation runs past the answer until max_tokens.
         vocab = self.tokenizer.get_vocab()
-        for token in self.adapter.stop_tokens:
+        for token in stop_tokens(self.adapter, self.tokenizer.chat_template):
             if token in vocab:
                 self.tokenizer.add_eos_token(token)
         self.engine = BatchEngine(

@@ -90,6 +90,20 @@ class AppConfig(BaseModel):
     allow_download: bool = Field(
         default=False, description="Download hub models missing from the local cache at load."
     )
+    hub_cache_dir: str | None = Field(
+        default=None,
+        description="Where hub ids are looked up; default: Hugging Face's own (HF_HUB_CACHE).",
+    )
+    gguf_cache_dir: str = Field(
+        default="~/.cache/mlx-fleet/gguf",
+        description="Where GGUF files are converted to mlx-lm folders, once per file version.",
+    )
+    gguf_dequantize: bool | None = Field(
+        default=None,
+        description="Convert GGUF weights to float32 (true) or keep Q4_0/Q4_1/Q8_0 quantized "
+        "(false); default: float32 on MLX's CPU backend, where it decodes about twice as fast, "
+        "quantized on Apple GPUs.",
+    )
     max_request_size: Size = "32MB"
     default_max_tokens: int = Field(default=512, ge=1)
     max_ongoing_requests: int = Field(

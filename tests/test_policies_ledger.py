@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from policies.config import ModelEntry
 from policies.eviction import Evict, Insufficient
-from policies.ledger import Ledger, LedgerError, Measured, Status, Wait
+from policies.ledger import Ledger, LedgerError, Measured, Status, Unsized, Wait
 
 GB = 10**9
 PLENTY = 100 * GB  # what the OS reports free, unless a test says otherwise
@@ -324,3 +324,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
 LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_ledger_stays_consistent = LedgerMachine.TestCase
+
+
+def test_a_model_without_a_known_size_is_not_admitted():
+    unsized = entry("hub", memory=None)
+    book = Ledger(3 * GB, [unsized, entry("sized", memory=None)], {"hub": None, "sized": GB}, lease_ttl=10)
+    assert isinstance(book.admit("hub", PLENTY), Unsized)
+    assert book["hub"].status == Status.UNLOADED and book.used() == 0
+    assert book.admit("sized", PLENTY) == Evict(())

@@ -22,6 +22,17 @@ class FamilyAdapter:
     top_p: float
 
 
+# End-of-turn markers that chat templates write: whichever a model's template uses ends its
+# replies, whatever its family (SmolLM2 is a Llama that speaks ChatML).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def stop_tokens(adapter: FamilyAdapter, chat_template: str | None) -> tuple[str, ...]:
+    """Tokens that end a reply: the family's, and the end-of-turn markers of the template."""
+    in_template = tuple(m for m in END_OF_TURN_MARKERS if chat_template and m in chat_template)
+    return tuple(dict.fromkeys(adapter.stop_tokens + in_template))
+
+
 def adapter_for(family: str) -> FamilyAdapter:
     from policies.families import gemma, llama, mistral, qwen
 
