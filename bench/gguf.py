@@ -7,7 +7,7 @@
   (Q4_1 layers, a Q8_0 embedding) and float32.
 * in-process decode, both forms, interleaved: `mlx_lm.stream_generate`, 256 greedy tokens of
   a chat prompt. This is the measurement behind `gguf_dequantize`'s default.
-* server against in-process, the form this machine gets by default: one streamed chat of the
+* server against in-process, the form the server loads by default: one streamed chat of the
   same 256 greedy tokens, decode tok/s, interleaved with the in-process run.
 """
 
@@ -24,7 +24,8 @@ from mlx_lm import load
 
 from bench.common import ROOT, Summary, serve_app, summarize, write_result
 from bench.throughput import MAX_TOKENS, MESSAGES, check_same_work, stream_chat, stream_in_process, wait_until_loaded
-from deployments.gguf import converted_model_dir, dequantize_by_default
+from deployments.gguf import converted_model_dir
+from policies.config import AppConfig
 from policies.detection import gguf_file
 
 MODEL_ID = "smollm2"
@@ -49,7 +50,7 @@ def main() -> None:
     repeats = parser.parse_args().repeats
     run_started = time.perf_counter()
     samples: dict[str, list[float]] = defaultdict(list)
-    default_form = "float32" if dequantize_by_default() else "native"
+    default_form = "float32" if AppConfig.model_fields["gguf_dequantize"].default else "native"
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as scratch:
         for repeat in range(repeats):

@@ -59,14 +59,6 @@ class GGUFError(ValueError):
     """The file is not a GGUF this server can turn into a model; the message says why."""
 
 
-def dequantize_by_default() -> bool:
-    """float32 on MLX's CPU backend, where it decodes about twice as fast as 4-bit; quantized
-    on Apple GPUs, where quantized kernels are fast and memory is what runs out."""
-    import mlx.core as mx
-
-    return not mx.metal.is_available()
-
-
 def converted_model_dir(path: str | Path, cache_dir: str | Path, dequantize: bool) -> Path:
     """An mlx-lm model folder for a GGUF file, converted on first use and then reused.
 

@@ -13,7 +13,7 @@ from deployments.batching import BatchEngine, Sequence, Step
 from deployments.model_server import ModelServer
 from deployments.openai_types import ApiError, Finish, Sampling, TextJob
 from policies.config import AppConfig, ModelEntry
-from deployments.gguf import converted_model_dir, dequantize_by_default
+from deployments.gguf import converted_model_dir
 from policies.detection import gguf_file
 from policies.families import FamilyAdapter, adapter_for, render_chat, stop_tokens
 from policies.stop_strings import StopMatcher
@@ -153,8 +153,7 @@ class TextModel(GenerativeServer):
         path = self.entry.path
         gguf = gguf_file(path)
         if gguf is not None:
-            dequantize = self.gguf_dequantize if self.gguf_dequantize is not None else dequantize_by_default()
-            path = str(converted_model_dir(gguf, self.gguf_cache_dir, dequantize))
+            path = str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
         self.model, self.tokenizer, model_config = load(path, return_config=True)
         self.context_length = model_config.get("max_position_embeddings")
         # Templates end a turn with a token the tokenizer may not list as EOS (<|eot_id|>,

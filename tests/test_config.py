@@ -93,7 +93,7 @@ def test_config_overrides_detection(tmp_path):
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="is not a directory"):
+    with pytest.raises(ConfigError, match="is neither a model directory nor a .gguf file"):
         build_catalog(config(models=[{"id": "q", "path": str(tmp_path / "nope")}]))
 
 

@@ -34,11 +34,12 @@ def in_process(demo_models):
     """mlx-lm in this process, on the folder the server converted the GGUF into."""
     from mlx_lm import load
 
-    from deployments.gguf import converted_model_dir, dequantize_by_default
+    from deployments.gguf import converted_model_dir
     from policies.detection import gguf_file
 
     gguf = gguf_file(demo_models / MODEL)
-    folder = converted_model_dir(gguf, AppConfig.model_fields["gguf_cache_dir"].default, dequantize_by_default())
+    defaults = AppConfig.model_fields
+    folder = converted_model_dir(gguf, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].default)
     model, tokenizer = load(str(folder))
 
     def generate(history: list[dict]) -> str:
