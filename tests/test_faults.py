@@ -278,7 +278,7 @@ def test_killed_replica_mid_stream_errors_then_the_model_reloads(faults):
     assert stream.errors and stream.errors[0]["code"] == "model_unavailable"
 
     response = chat(faults, "slow")  # waits for Serve's new replica, which loads for it
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("stop", "length")
     assert dead not in replica_pids("slow")
     wait_for(lambda: model(faults, "slow")["loads"] == loads + 1, "the controller counts the reload", timeout=30)
     assert model(faults, "slow")["status"] == "loaded"
