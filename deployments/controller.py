@@ -37,7 +37,7 @@ logger = logging.getLogger("ray.serve")
 
 # How often loaded models' replicas are asked whether they still hold their weights (Serve
 # restarts a dead replica without them), and how long one answer may take.
-REPLICA_CHECK_SECONDS = 5.0
+REPLICA_CHECK_SECONDS = 10.0
 REPLICA_ANSWER_SECONDS = 10.0
 # How long replicas without weights found at start stay up for a request that wants them.
 SPARE_GRACE_SECONDS = 5.0
