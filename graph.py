@@ -10,6 +10,7 @@ Config is validated once here; every deployment receives the validated, resolved
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from deployments.controller import Controller
 from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
-from policies.detection import detect, gguf_file, read_gguf_metadata
+from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
+from policies.features import text_features
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,7 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 architecture=found.architecture,
                 reason="set in config" if spec.type and spec.family else found.reason,
                 idle_ttl=_idle_ttl(spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl),
+                **(asdict(text_features(path)) if model_type == TEXT else {}),
             )
         )
     return catalog

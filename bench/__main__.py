@@ -26,6 +26,7 @@ SUITE: dict[str, int | None] = {
     "hops": 2,
     "embeddings": 3,
     "gguf": 3,
+    "structured": 3,
     "memory": None,
 }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deployments.openai_types import Sampling
+from policies.events import TokenLogprob, TopLogprob
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,6 +29,7 @@ class Step:
     tokens: int  # generated tokens this step adds to the completion
     finish_reason: str | None
     prompt_tokens: int
+    logprob: TokenLogprob | None = None  # of the token this step adds, when asked for
 
 
 @dataclass
@@ -38,11 +40,14 @@ class Sequence:
     max_tokens: int
     sampling: Sampling
     emit: Callable[[Step | BaseException], None]
+    # mlx-lm logits processors of this sequence alone (a grammar's mask)
+    processors: list[Callable] = field(default_factory=list)
+    logprobs: int | None = None  # None: not wanted; n: with the n likeliest alternatives
     cancelled: bool = False
     detokenizer: Any = field(default=None, repr=False)
 
-    def step(self, text: str, tokens: int, finish_reason: str | None) -> None:
-        self.emit(Step(text, tokens, finish_reason, len(self.prompt)))
+    def step(self, text: str, tokens: int, finish_reason: str | None, logprob: TokenLogprob | None = None) -> None:
+        self.emit(Step(text, tokens, finish_reason, len(self.prompt), logprob))
 
     def fail(self, error: BaseException) -> None:
         """End this sequence with an error for its client; nothing else is touched."""
@@ -182,6 +187,7 @@ class BatchEngine:
             caches=[cache],
             all_tokens=[sequence.prompt[: len(sequence.prompt) - len(rest)]],
             samplers=[sampler],
+            logits_processors=[sequence.processors],
         )
         sequence.detokenizer = self.tokenizer.detokenizer
         return uid
@@ -196,7 +202,14 @@ class BatchEngine:
             if self.prompt_cache is not None:
                 self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
         counted = 0 if response.finish_reason == "stop" else 1
-        sequence.step(detokenizer.last_segment, counted, response.finish_reason)
+        sequence.step(
+            detokenizer.last_segment, counted, response.finish_reason, self._logprob(sequence, response, counted)
+        )
+
+    def _logprob(self, sequence: Sequence, response: Any, counted: int) -> TokenLogprob | None:
+        if sequence.logprobs is None or not counted:
+            return None
+        return token_logprob(self.tokenizer, response.logprobs, response.token, sequence.logprobs)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """The KV cache of the longest cached prefix of `prompt`, and the tokens after it."""
@@ -222,16 +235,39 @@ class BatchEngine:
         try:
             sampler = self.make_sampler(sequence.sampling)
             responses = stream_generate(
-                self.model, self.tokenizer, mx.array(sequence.prompt), sequence.max_tokens, sampler=sampler
+                self.model,
+                self.tokenizer,
+                mx.array(sequence.prompt),
+                sequence.max_tokens,
+                sampler=sampler,
+                logits_processors=sequence.processors,
             )
             for response in responses:
                 if sequence.cancelled:
                     break
                 # stream_generate reports the end-of-sequence token in its last response.
                 counted = 0 if response.finish_reason == "stop" else 1
-                sequence.step(response.text, counted, response.finish_reason)
+                sequence.step(response.text, counted, response.finish_reason, self._logprob(sequence, response, counted))
         except Exception as error:
             sequence.fail(error)
         finally:
             if responses is not None:
                 responses.close()
+
+
+def token_logprob(tokenizer: Any, logprobs: Any, token: int, top: int) -> TokenLogprob:
+    """A generated token's log-probability and its `top` likeliest alternatives, from the
+    normalized log-probabilities the token was sampled from (after any grammar mask)."""
+    import mlx.core as mx
+
+    def entry(token_id: int, value: float) -> TopLogprob:
+        text = tokenizer.decode([token_id])
+        return TopLogprob(text, value, list(text.encode()))
+
+    chosen = entry(token, logprobs[token].item())
+    alternatives: list[TopLogprob] = []
+    if top:
+        best = mx.argpartition(-logprobs, top - 1)[:top]
+        values = logprobs[best].tolist()
+        alternatives = [entry(i, v) for i, v in sorted(zip(best.tolist(), values), key=lambda p: -p[1])]
+    return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, alternatives)

@@ -28,7 +28,6 @@ from deployments.openai_types import (
     CompletionRequest,
     EmbeddingRequest,
     ImagePart,
-    Finish,
     PreloadRequest,
     TextJob,
     error_body,
@@ -37,7 +36,10 @@ from deployments.openai_types import (
 )
 from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
+from policies.constraints import Constraint
+from policies.events import Content, Event, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall
 from policies.ledger import Lease
+from policies.tool_calls import FORMATS
 from policies.memory import parse_size
 
 logger = logging.getLogger("ray.serve")
@@ -92,13 +94,17 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 class Reply:
-    """OpenAI response objects for one request, chat or legacy completion shaped."""
+    """OpenAI response objects for one request, chat or legacy completion shaped, from the
+    generation's events. A streamed reply's chunks add up to the plain reply."""
 
-    def __init__(self, model: str, chat: bool):
+    def __init__(self, model: str, chat: bool, logprobs: bool = False):
         self.model = model
         self.chat = chat
+        self.logprobs = logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.calls = 0  # tool calls sent so far: the next one's index
+        self.text_offset = 0  # legacy completions' logprobs point into the text
 
     def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {
@@ -110,33 +116,110 @@ class Reply:
             **extra,
         }
 
-    def full(self, text: str, finish: Finish) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish.finish_reason, "logprobs": None}
+    def full(self, events: list[Event]) -> dict[str, Any]:
+        finish = events[-1]
+        assert isinstance(finish, Finish)
+        text = "".join(e.text for e in events if isinstance(e, Content))
+        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish.finish_reason,
+            "logprobs": self._logprobs(tokens) if self.logprobs else None,
+        }
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            calls = [self._tool_call(e) for e in events if isinstance(e, ToolCall)]
+            reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice["message"] = message
         else:
             choice["text"] = text
         kind = "chat.completion" if self.chat else "text_completion"
         return self._object(kind, [choice], usage=finish.usage())
 
-    def chunk(
-        self, text: str | None, finish_reason: str | None, with_usage: bool, role: bool = False
-    ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice["delta"] = delta
-        else:
-            choice["text"] = text or ""
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        extra = {"usage": None} if with_usage else {}
-        return self._object(kind, [choice], **extra)
+    def opening(self, with_usage: bool) -> dict[str, Any]:
+        """A chat stream's first chunk: the role, empty content."""
+        return self._chunk({"role": "assistant", "content": ""}, None, with_usage)
+
+    def chunks(self, events: list[Event], with_usage: bool) -> list[dict[str, Any]]:
+        """The chunks for one batch of events: text and reasoning with their log-probabilities
+        in one, each tool call in two (its id and name, then its arguments), the finish in one."""
+        chunks = []
+        text = "".join(e.text for e in events if isinstance(e, Content))
+        reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
+        if text or reasoning or tokens:
+            if self.chat:
+                delta: dict[str, Any] = {"content": text} if text else {}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
+            else:
+                delta = {"text": text}
+            chunks.append(self._chunk(delta, None, with_usage, self._logprobs(tokens) if self.logprobs else None))
+        for event in events:
+            if isinstance(event, ToolCall):
+                call = self._tool_call(event)
+                index = call.pop("index")
+                arguments = call["function"]["arguments"]
+                opening = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+                chunks.append(self._chunk({"tool_calls": [{"index": index, **opening}]}, None, with_usage))
+                chunks.append(
+                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None, with_usage)
+                )
+            elif isinstance(event, Finish):
+                chunks.append(self._chunk({} if self.chat else {"text": ""}, event.finish_reason, with_usage))
+        return chunks
 
     def usage_chunk(self, finish: Finish) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._object(kind, [], usage=finish.usage())
+
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None, with_usage: bool, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("text", "")
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [choice], **({"usage": None} if with_usage else {}))
+
+    def _tool_call(self, call: ToolCall) -> dict[str, Any]:
+        index, self.calls = self.calls, self.calls + 1
+        return {
+            "index": index,
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": t.token,
+                        "logprob": t.logprob,
+                        "bytes": t.bytes,
+                        "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": a.bytes} for a in t.top],
+                    }
+                    for t in tokens
+                ]
+            }
+        offsets = []
+        for t in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
 
 
 def encode_vector(vector: Any, encoding_format: str) -> list[float] | str:
@@ -278,24 +361,27 @@ class Ingress:
                 f"at most {self.config.max_images_per_request} images per request, got {len(refs)}",
                 param="messages",
             )
-        messages = [
-            # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": m.parts() if vision else m.text(),
-            }
-            for m in body.messages
-        ]
+        constraint = self._constraint(entry, body)
         images = await load_images(refs, self.image_policy) if refs else []
-        job = TextJob(sampling=body.sampling(), messages=messages, images=images)
-        return await self._generate(entry, job, Reply(entry.id, chat=True), body)
+        job = TextJob(
+            sampling=body.sampling(),
+            messages=[m.for_template(vision) for m in body.messages],
+            images=images,
+            tools=body.tools_offered,
+            template_kwargs=body.template_kwargs,
+            constraint=constraint,
+            logprobs=body.logprobs_wanted,
+        )
+        return await self._generate(entry, job, Reply(entry.id, chat=True, logprobs=body.logprobs), body)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
-        job = TextJob(sampling=body.sampling(), prompt=body.prompt_text)
-        return await self._generate(entry, job, Reply(entry.id, chat=False), body)
+        self._require(entry, "logprobs", body.logprobs is not None, "logprobs")
+        job = TextJob(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
+        reply = Reply(entry.id, chat=False, logprobs=body.logprobs is not None)
+        return await self._generate(entry, job, reply, body)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -368,7 +454,42 @@ class Ingress:
             "family": entry.family,
             "status": state["status"],
             "pinned": state["pinned"],
+            "context_length": entry.context_length,
+            "capabilities": self._features(entry),
         }
+
+    def _features(self, entry: ModelEntry) -> dict[str, bool]:
+        kind = self.capabilities[entry.type]
+        return {
+            "chat": CHAT in kind.endpoints,
+            "completions": COMPLETIONS in kind.endpoints,
+            "embeddings": EMBEDDINGS in kind.endpoints,
+            "vision": kind.accepts_images,
+            "tools": kind.tools and entry.tool_format is not None,
+            "structured_output": kind.structured_output,
+            "reasoning": entry.think is not None,
+            "logprobs": kind.logprobs,
+        }
+
+    def _require(self, entry: ModelEntry, feature: str, wanted: bool, param: str) -> None:
+        if wanted and not self._features(entry)[feature]:
+            raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
+
+    def _constraint(self, entry: ModelEntry, body: ChatCompletionRequest) -> Constraint | None:
+        """What a chat's answer must be (a forced tool call in the model's own format, or the
+        JSON of response_format), refused here if it does not compile."""
+        self._require(entry, "tools", bool(body.tools_offered), "tools")
+        self._require(entry, "structured_output", body.structured, "response_format")
+        self._require(entry, "logprobs", body.logprobs, "logprobs")
+        self._require(entry, "reasoning", body.reasoning_effort is not None, "reasoning_effort")
+        constraint = body.constraint
+        if constraint is None:
+            return None
+        problem = constraint.error(FORMATS.get(entry.tool_format or ""))
+        if problem:
+            param = "tools" if constraint.schema is None else "response_format.json_schema.schema"
+            raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}", param=param)
+        return constraint
 
     def _entry(self, model_id: str, endpoint: str | None = None) -> ModelEntry:
         entry = self.catalog.get(model_id)
@@ -435,12 +556,12 @@ class Ingress:
         handle = self.models[entry.id]
         if not body.stream:
             try:
-                text, finish = await handle.generate.remote(job, lease.id)
+                events = await handle.generate.remote(job, lease.id)
             except RayActorError:
                 self._model_failed(entry.id)
             finally:
                 self.leases.release(lease)
-            return reply.full(text, finish)
+            return reply.full(events)
         events = handle.options(stream=True).stream.remote(job, lease.id)
         try:
             # Errors before the first token (bad template, context too long) still get a
@@ -467,16 +588,16 @@ class Ingress:
     ) -> AsyncIterator[str]:
         try:
             if reply.chat:
-                yield sse(reply.chunk("", None, with_usage, role=True))
-            event = first
+                yield sse(reply.opening(with_usage))
+            batch = first
             while True:
-                if isinstance(event, Finish):
-                    yield sse(reply.chunk(None, event.finish_reason, with_usage))
+                for chunk in reply.chunks(batch, with_usage):
+                    yield sse(chunk)
+                if batch and isinstance(batch[-1], Finish):
                     if with_usage:
-                        yield sse(reply.usage_chunk(event))
+                        yield sse(reply.usage_chunk(batch[-1]))
                     break
-                yield sse(reply.chunk(event, None, with_usage))
-                event = await events.__anext__()
+                batch = await events.__anext__()
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             events.cancel()

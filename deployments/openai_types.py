@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policies.constraints import Constraint
+
 
 # Far above any context window we serve; anything larger is a client bug, not a wish.
 MAX_TOKENS_CAP = 131_072
@@ -13,6 +17,8 @@ MAX_TOKENS_CAP = 131_072
 SEED_LIMIT = 2**64
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1000
+MAX_TOP_LOGPROBS = 20  # chat; legacy completions allow 5
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class ApiError(Exception):
@@ -102,10 +108,64 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            raise ValueError("arguments must be a JSON object encoded as a string") from None
+        if not isinstance(value, dict):
+            raise ValueError("arguments must be a JSON object encoded as a string")
+        return arguments
+
+
+class AssistantToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this is the result of
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def for_template(self, vision: bool) -> dict[str, Any]:
+        """The message as chat templates read it: "developer" is OpenAI's newer name for
+        "system", and tool-call arguments are objects (templates render them with tojson)."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.parts() if vision else self.text(),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -126,6 +186,50 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
 
 
 class _GenerationRequest(_Request):
@@ -177,14 +281,96 @@ class _GenerationRequest(_Request):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CAP)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "tool names must be unique", param="tools")
+        if self.tool_choice is not None and self.tool_choice != "none" and not names:
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ApiError(
+                400,
+                f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools "
+                f"({', '.join(names)})",
+                param="tool_choice",
+            )
+        if self.forced_tool is not False and self.structured:
+            raise ApiError(
+                400,
+                "response_format and a required tool call cannot both constrain one answer",
+                param="response_format",
+            )
+        return self
 
     def sampling(self) -> "Sampling":  # type: ignore[override]
         # The newer name wins: OpenAI deprecated max_tokens for chat in its favour.
         return super().sampling(self.max_completion_tokens)
 
+    @property
+    def tools_offered(self) -> list[dict[str, Any]]:
+        """The tools as chat templates take them; none when the client said "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    @property
+    def forced_tool(self) -> str | None | bool:
+        """False: calls are optional; None: some call is required; a name: that call."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return None if self.tool_choice == "required" and self.tools else False
+
+    @property
+    def structured(self) -> bool:
+        return isinstance(self.response_format, (JsonObjectFormat, JsonSchemaFormat))
+
+    @property
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow, if response_format asks for one."""
+        if isinstance(self.response_format, JsonSchemaFormat):
+            return self.response_format.json_schema.schema_
+        if isinstance(self.response_format, JsonObjectFormat):
+            return {"type": "object"}
+        return None
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the answer must be: the forced tool call(s), or the response_format's JSON."""
+        if self.tools_offered and self.forced_tool is not False:
+            return Constraint(tools=self.tools_offered, tool=self.forced_tool or None, parallel=self.parallel_tool_calls)
+        if self.response_schema is not None:
+            return Constraint(schema=self.response_schema)
+        return None
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """Extra variables for the chat template: the client's, and the reasoning effort."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -269,19 +455,12 @@ class TextJob:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     images: list[Any] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # rendered by the chat template
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    constraint: Constraint | None = None  # what the answer must be (a JSON value, tool calls)
+    logprobs: int | None = None  # None: none; n: each token's and its n likeliest alternatives'
 
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
 
-@dataclass
-class Finish:
-    """The last event of a generation."""
-
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    completion_tokens: int
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }

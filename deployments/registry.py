@@ -25,6 +25,11 @@ EMBEDDINGS = "embeddings"
 class Capabilities:
     endpoints: frozenset[str]  # the /v1/... routes this type answers
     accepts_images: bool = False
+    # What this type's server does with chat requests; tools also need a model whose
+    # template renders them (ModelEntry.tool_format).
+    tools: bool = False
+    structured_output: bool = False
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,10 @@ class ModelKind:
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
-    TEXT: ModelKind(TextModel, Capabilities(frozenset({CHAT, COMPLETIONS}))),
+    TEXT: ModelKind(
+        TextModel,
+        Capabilities(frozenset({CHAT, COMPLETIONS}), tools=True, structured_output=True, logprobs=True),
+    ),
     VISION: ModelKind(VisionModel, Capabilities(frozenset({CHAT}), accepts_images=True)),
     EMBEDDINGS_TYPE: ModelKind(EmbeddingsModel, Capabilities(frozenset({EMBEDDINGS}))),
 }

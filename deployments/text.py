@@ -10,41 +10,57 @@ from typing import AsyncIterator, Callable, Iterable, Iterator
 from ray import serve
 
 from deployments.batching import BatchEngine, Sequence, Step
-from deployments.model_server import ModelServer
-from deployments.openai_types import ApiError, Finish, Sampling, TextJob
-from policies.config import AppConfig, ModelEntry
+from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
+from deployments.model_server import ModelServer
+from deployments.openai_types import ApiError, Sampling, TextJob
+from policies.config import AppConfig, ModelEntry
 from policies.detection import gguf_file
+from policies.events import Content, Event, Finish, Logprobs, ToolCall, merged
 from policies.families import FamilyAdapter, adapter_for, render_chat, stop_tokens
+from policies.output_parser import OutputParser
 from policies.stop_strings import StopMatcher
-
-Event = str | Finish  # pieces of text, then one Finish
+from policies.constraints import Constraint
+from policies.tool_calls import FORMATS, ToolFormat
 
 
 class CompletionTracker:
-    """Turns generator steps into text pieces cut at the first stop sequence, then one
-    Finish with the token counts."""
+    """Turns generator steps into events: text cut at the first stop sequence (for chats
+    split into answer, reasoning and tool calls), log-probabilities when asked for, then
+    one Finish with the token counts."""
 
-    def __init__(self, stop: list[str]):
+    def __init__(self, stop: list[str], parser: OutputParser | None = None):
         self.stops = StopMatcher(stop)
+        self.parser = parser
         self.tokens = 0
+        self.tool_calls = 0
         self.finished = False
 
     def feed(self, step: Step) -> list[Event]:
         self.tokens += step.tokens
-        events: list[Event] = []
-        text = self.stops.feed(step.text)
-        if text:
-            events.append(text)
+        events: list[Event] = [Logprobs([step.logprob])] if step.logprob else []
+        events += self._split(self.stops.feed(step.text))
         if self.stops.stopped:
-            events.append(Finish("stop", step.prompt_tokens, self.tokens))
+            events += self._finish("stop", step)
         elif step.finish_reason:
-            tail = self.stops.flush()
-            if tail:
-                events.append(tail)
-            events.append(Finish(step.finish_reason, step.prompt_tokens, self.tokens))  # type: ignore[arg-type]
-        self.finished = isinstance(events[-1], Finish) if events else False
+            events += self._split(self.stops.flush())
+            events += self._finish(step.finish_reason, step)
         return events
+
+    def _split(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        events = self.parser.feed(text) if self.parser else [Content(text)]
+        self.tool_calls += sum(isinstance(e, ToolCall) for e in events)
+        return events
+
+    def _finish(self, reason: str, step: Step) -> list[Event]:
+        events: list[Event] = self.parser.finish() if self.parser else []
+        self.tool_calls += sum(isinstance(e, ToolCall) for e in events)
+        if reason == "stop" and self.tool_calls:
+            reason = "tool_calls"
+        self.finished = True
+        return [*events, Finish(reason, step.prompt_tokens, self.tokens)]  # type: ignore[arg-type]
 
 
 def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
@@ -80,20 +96,21 @@ class GenerativeServer(ModelServer):
         self.default_max_tokens = config.default_max_tokens
         self.adapter = adapter_for(entry.family)
 
-    async def generate(self, job: TextJob, lease_id: str) -> tuple[str, Finish]:
-        pieces: list[str] = []
-        async for event in self.stream(job, lease_id):
-            if isinstance(event, Finish):
-                return "".join(pieces), event
-            pieces.append(event)
-        raise RuntimeError("generation ended without a finish event")
+    async def generate(self, job: TextJob, lease_id: str) -> list[Event]:
+        events: list[Event] = []
+        async for batch in self.stream(job, lease_id):
+            events += batch
+        if not events or not isinstance(events[-1], Finish):
+            raise RuntimeError("generation ended without a finish event")
+        return merged(events)
 
-    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator[Event]:
+    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator[list[Event]]:
+        """Events in batches: one batch per chunk the client gets (text merged within)."""
         async with self.serving(lease_id):
-            async for event in self.events(job):
-                yield event
+            async for batch in self.events(job):
+                yield batch
 
-    def events(self, job: TextJob) -> AsyncIterator[Event]:
+    def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
         raise NotImplementedError
 
 
@@ -108,10 +125,13 @@ class TextModel(GenerativeServer):
         self.prompt_cache_bytes = self.reserved_bytes = config.prompt_cache_bytes
         self.gguf_cache_dir = config.gguf_cache_dir
         self.gguf_dequantize = config.gguf_dequantize
+        self.grammar_tokenizer: GrammarTokenizer | None = None
 
-    async def events(self, job: TextJob) -> AsyncIterator[Event]:
-        # Templates and tokenizers are plain Python over the whole prompt: not on the loop.
-        prompt = await asyncio.to_thread(self._prompt_tokens, job)
+    async def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
+        # Templates, tokenizers and grammar compilation are plain Python or Rust over the
+        # whole request: not on the event loop.
+        prompt, in_reasoning = await asyncio.to_thread(self._prompt_tokens, job)
+        mask = await asyncio.to_thread(self._grammar_mask, job.constraint) if job.constraint else None
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         sequence = Sequence(
@@ -119,9 +139,11 @@ class TextModel(GenerativeServer):
             max_tokens=self._max_tokens(job.sampling.max_tokens, len(prompt)),
             sampling=job.sampling,
             emit=lambda item: loop.call_soon_threadsafe(steps.put_nowait, item),
+            processors=[mask] if mask else [],
+            logprobs=job.logprobs,
         )
         self.engine.submit(sequence)
-        tracker = CompletionTracker(job.sampling.stop)
+        tracker = CompletionTracker(job.sampling.stop, self._output_parser(job, in_reasoning) if job.chat else None)
         try:
             while not tracker.finished:
                 # Take every step that is already waiting: when tokens come faster than
@@ -129,21 +151,28 @@ class TextModel(GenerativeServer):
                 batch = [await steps.get()]
                 while not steps.empty():
                     batch.append(steps.get_nowait())
-                text: list[str] = []
+                events: list[Event] = []
                 for item in batch:
                     if isinstance(item, BaseException):
                         raise item
-                    for event in tracker.feed(item):
-                        if isinstance(event, Finish):
-                            if text:
-                                yield "".join(text)
-                            yield event
-                            return
-                        text.append(event)
-                if text:
-                    yield "".join(text)
+                    events += tracker.feed(item)
+                    if tracker.finished:
+                        break
+                if mask is not None and mask.error:
+                    raise RuntimeError(f"constrained decoding failed: {mask.error}")
+                if events:
+                    yield merged(events)
         finally:
             sequence.cancelled = True  # the engine drops it from the batch, if still there
+
+    def _output_parser(self, job: TextJob, in_reasoning: bool) -> OutputParser:
+        # Without tools offered nothing is a call (a Llama answer opening with "{" is text).
+        tool_format = self._tool_format if job.tools else None
+        return OutputParser(tool_format, self.entry.think, in_reasoning)
+
+    @property
+    def _tool_format(self) -> ToolFormat | None:
+        return FORMATS[self.entry.tool_format] if self.entry.tool_format else None
 
     # -- MLX thread -----------------------------------------------------------------------
 
@@ -172,20 +201,32 @@ class TextModel(GenerativeServer):
 
     # -- prompt ---------------------------------------------------------------------------
 
-    def _prompt_tokens(self, job: TextJob) -> list[int]:
+    def _prompt_tokens(self, job: TextJob) -> tuple[list[int], bool]:
+        """The prompt's tokens, and whether it leaves the model inside its think block (as
+        templates that open `<think>` for the model do)."""
         tokenizer = self.tokenizer
         if job.prompt is not None:
-            return tokenizer.encode(job.prompt)
+            return tokenizer.encode(job.prompt), False
         if not tokenizer.has_chat_template:
             raise ApiError(400, f"Model {self.entry.id} has no chat template; use /v1/completions")
+        kwargs = dict(job.template_kwargs)
+        if job.constraint is not None and self.entry.think:
+            # The grammar governs the whole answer, which leaves no room for thinking first.
+            kwargs.setdefault("enable_thinking", False)
         try:
-            rendered = render_chat(self.adapter, tokenizer, job.messages)
+            rendered = render_chat(self.adapter, tokenizer, job.messages, job.tools, kwargs)
         except Exception as error:  # the template's own raise_exception(), e.g. role order
             raise ApiError(
                 400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"
             ) from None
+        in_reasoning = bool(self.entry.think) and rendered.rstrip().endswith(self.entry.think[0])
         # The template writes BOS itself; encoding must not add a second one.
-        return tokenizer.encode(rendered, add_special_tokens=False)
+        return tokenizer.encode(rendered, add_special_tokens=False), in_reasoning
+
+    def _grammar_mask(self, constraint: Constraint) -> GrammarMask:
+        if self.grammar_tokenizer is None:
+            self.grammar_tokenizer = GrammarTokenizer(self.tokenizer)
+        return self.grammar_tokenizer.mask(constraint, self._tool_format)
 
     def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
         room = None if self.context_length is None else self.context_length - prompt_tokens

@@ -8,7 +8,8 @@ from ray import serve
 
 from deployments.batching import Step
 from deployments.openai_types import ApiError, TextJob
-from deployments.text import Event, GenerativeServer, completion_events, make_sampler
+from deployments.text import GenerativeServer, completion_events, make_sampler
+from policies.events import Event
 from policies.config import AppConfig, ModelEntry
 
 # Families whose models were trained with a single image per conversation.
@@ -22,7 +23,7 @@ class VisionModel(GenerativeServer):
         self.model = None
         self.processor = None
 
-    async def events(self, job: TextJob) -> AsyncIterator[Event]:
+    async def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
         if len(job.images) > 1 and self.entry.family in SINGLE_IMAGE_FAMILIES:
             raise ApiError(
                 400,
@@ -31,7 +32,7 @@ class VisionModel(GenerativeServer):
                 param="messages",
             )
         async for event in self.iterate_mlx(lambda: self._events(job)):
-            yield event
+            yield [event]
 
     # -- MLX thread -----------------------------------------------------------------------
 

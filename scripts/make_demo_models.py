@@ -6,9 +6,10 @@ Usage:
 
 Produces, under ``--out`` (default ``<repo>/models``):
 
-* ``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gemma``: random-weight
-  text models built with mlx-lm's own model classes, each with a byte-level BPE
-  tokenizer trained on a built-in corpus and the family's chat template.
+* ``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen3``, ``tiny-mistral``, ``tiny-gemma``:
+  random-weight text models built with mlx-lm's own model classes, each with a
+  byte-level BPE tokenizer trained on a built-in corpus and the family's chat
+  template (Qwen's with tools; Qwen3's with thinking).
 * ``bench-llama-20m``: the llama recipe at ~20M parameters, for benchmarks.
 * ``tiny-qwen2-vl``: a random-weight Qwen2-VL loadable by ``mlx_vlm.load``.
 * ``all-MiniLM-L6-v2``: the real sentence-transformers model, copied from the
@@ -88,7 +89,7 @@ QWEN2_SPLIT_REGEX = (
 )
 
 # --------------------------------------------------------------------------
-# Chat templates: copies of the real models' templates (trimmed of tool use).
+# Chat templates: after the real models' templates (Llama, Mistral and Gemma trimmed of tool use).
 # --------------------------------------------------------------------------
 
 LLAMA3_TEMPLATE = (
@@ -102,14 +103,69 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# The tool section Qwen2.5 and Qwen3 templates write into the system turn (Hermes format:
+# calls come back as <tool_call>{"name": ..., "arguments": ...}</tool_call>).
+QWEN_TOOLS = (
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    "{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+)
+
+# Assistant turns (with their tool calls) and tool results, as Qwen2.5/Qwen3 render them.
+QWEN_TURNS = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\\\"name\\\": \\\"' + tool_call.name + '\\\", \\\"arguments\\\": ' "
+    "+ (tool_call.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+# Qwen2.5-Instruct: ChatML with a default system turn, and tools in the system turn.
 QWEN2_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}"
+    "{%- else %}{{- 'You are a helpful assistant.\\n\\n' }}{%- endif %}"
+    + QWEN_TOOLS +
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    + QWEN_TURNS +
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen3 (thinking): no default system turn; the generation prompt opens <think> for the
+# model (as Qwen3-*-Thinking-2507 templates do), unless the caller passes
+# enable_thinking=false, which writes an empty think block instead.
+QWEN3_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    + QWEN_TOOLS +
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    + QWEN_TURNS +
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 # Mistral-7B-Instruct-v0.1/v0.2: no system role, strict user/assistant alternation.
@@ -235,7 +291,7 @@ FAMILIES: Dict[str, TextFamily] = {
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
         tokenizer=TokenizerSpec(
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"],
             eos="<|im_end|>",
             extra_eos=["<|endoftext|>"],
             pad="<|endoftext|>",
@@ -245,6 +301,24 @@ FAMILIES: Dict[str, TextFamily] = {
         args=dict(rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
                   max_position_embeddings=32768),
         hf_extra=dict(hidden_act="silu", use_sliding_window=False),
+    ),
+    "qwen3": TextFamily(
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        tokenizer=TokenizerSpec(
+            special_tokens=[
+                "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
+                "<think>", "</think>",
+            ],
+            eos="<|im_end|>",
+            extra_eos=["<|endoftext|>"],
+            pad="<|endoftext|>",
+            chat_template=QWEN3_TEMPLATE,
+            split_regex=QWEN2_SPLIT_REGEX,
+        ),
+        args=dict(rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                  max_position_embeddings=32768, head_dim=16),
+        hf_extra=dict(hidden_act="silu"),
     ),
     "mistral": TextFamily(
         model_type="mistral",
@@ -615,6 +689,7 @@ def text_builder(family: str, dims: Dict) -> Callable[[Path, str], None]:
 MODELS: Dict[str, Callable[[Path, str], None]] = {
     "tiny-llama": text_builder("llama", TINY_DIMS),
     "tiny-qwen2": text_builder("qwen2", TINY_DIMS),
+    "tiny-qwen3": text_builder("qwen3", TINY_DIMS),
     "tiny-mistral": text_builder("mistral", TINY_DIMS),
     "tiny-gemma": text_builder("gemma", TINY_DIMS),
     "bench-llama-20m": text_builder("llama", BENCH_DIMS),

@@ -11,7 +11,8 @@ from typing import AsyncIterator
 import httpx
 from ray import serve
 
-from deployments.openai_types import Finish, TextJob
+from deployments.openai_types import TextJob
+from policies.events import Content, Finish
 from deployments.registry import CHAT, MODEL_KINDS, Capabilities, ModelKind
 from graph import build_application
 
@@ -32,15 +33,15 @@ class EchoModel:
 
         return ReplicaState("loaded" if self.loaded else "none", self.loaded, [])
 
-    async def generate(self, job: TextJob, lease_id: str) -> tuple[str, Finish]:
+    async def generate(self, job: TextJob, lease_id: str) -> list:
         text = job.messages[-1]["content"][::-1]
-        return text, Finish("stop", len(job.messages), len(text))
+        return [Content(text), Finish("stop", len(job.messages), len(text))]
 
     async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator:
         text, finish = await self.generate(job, lease_id)
-        for char in text:
-            yield char
-        yield finish
+        for char in text.text:
+            yield [Content(char)]
+        yield [finish]
 
 
 def test_registering_a_new_type(serve_port, base_url):

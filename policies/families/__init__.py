@@ -60,7 +60,7 @@ def prepare_messages(adapter: FamilyAdapter, messages: list[dict[str, Any]]) -> 
     if adapter.alternating_roles:
         merged: list[dict[str, Any]] = []
         for message in messages:
-            if merged and merged[-1]["role"] == message["role"]:
+            if merged and _plain_turn(merged[-1]) and _plain_turn(message) and merged[-1]["role"] == message["role"]:
                 merged[-1]["content"] = f"{merged[-1]['content']}\n\n{message['content']}"
             else:
                 merged.append(message)
@@ -68,10 +68,26 @@ def prepare_messages(adapter: FamilyAdapter, messages: list[dict[str, Any]]) -> 
     return messages
 
 
-def render_chat(adapter: FamilyAdapter, tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """The prompt text for a chat, through the model's own template, adapted to its family."""
+def _plain_turn(message: dict[str, Any]) -> bool:
+    """A user or assistant turn of text only; tool calls and results are never merged."""
+    return message["role"] in ("user", "assistant") and not message.get("tool_calls")
+
+
+def render_chat(
+    adapter: FamilyAdapter,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The prompt text for a chat, through the model's own template (which also renders the
+    tools and any extra variables such as `enable_thinking`), adapted to its family."""
     rendered = tokenizer.apply_chat_template(
-        prepare_messages(adapter, messages), add_generation_prompt=True, tokenize=False
+        prepare_messages(adapter, messages),
+        tools=tools or None,
+        add_generation_prompt=True,
+        tokenize=False,
+        **(template_kwargs or {}),
     )
     bos = getattr(tokenizer, "bos_token", None)
     if adapter.add_bos and bos and not rendered.startswith(bos):
