@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from deployments.openai_types import Sampling
+from policies.generation import Sampling
 from policies.events import TokenLogprob, TopLogprob
 
 logger = logging.getLogger("ray.serve")

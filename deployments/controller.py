@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.model_server import ReplicaState
-from deployments.openai_types import ApiError, model_not_found
+from dialects.errors import ApiError, model_not_found
 from deployments.scaler import ReplicaScaler
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.eviction import Insufficient

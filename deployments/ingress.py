@@ -1,15 +1,15 @@
-"""The HTTP surface: OpenAI-compatible routes. It validates, routes and formats; it never
-runs a model. Every error leaves as the OpenAI error envelope."""
+"""The HTTP surface: OpenAI (Chat Completions, Completions, Embeddings, Responses) and
+Anthropic (Messages) routes, admin and health. It validates, routes and formats through
+`dialects/`; it never runs a model. Every error leaves in the envelope of the dialect the
+request came in."""
 
 
 import asyncio
-import base64
 import json
 import logging
 import secrets
 import time
-import uuid
-from typing import Any, AsyncIterator, NoReturn, TypeVar
+from typing import Any, AsyncIterator, NoReturn, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,34 +22,36 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.leases import LeaseKeeper
 from deployments.media import ImagePolicy, ImageRef, load_images
-from deployments.openai_types import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    ImagePart,
-    PreloadRequest,
-    TextJob,
-    error_body,
-    model_not_found,
-    validation_error_to_api_error,
-)
 from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
+from dialects import anthropic, openai, responses
+from dialects.errors import ApiError, anthropic_error_body, error_body, model_not_found, validation_error_to_api_error
+from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
-from policies.constraints import Constraint
-from policies.events import Content, Event, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall
+from policies.events import Event, Finish
+from policies.generation import GenerationRequest
 from policies.ledger import Lease
-from policies.tool_calls import FORMATS
 from policies.memory import parse_size
+from policies.tool_calls import FORMATS
 
 logger = logging.getLogger("ray.serve")
 
-app = FastAPI(title="mlx-fleet", description="Many MLX models behind one OpenAI-compatible API.")
+app = FastAPI(title="mlx-fleet", description="Many MLX models behind OpenAI's and Anthropic's APIs.")
 
 Body = TypeVar("Body", bound=BaseModel)
 
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
 MAX_JSON_DEPTH = 64
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+class Reply(Protocol):
+    """What every dialect's reply does (see dialects/__init__.py)."""
+
+    def full(self, events: list[Event]) -> dict[str, Any]: ...
+    def opening(self) -> list[str]: ...
+    def batch(self, events: list[Event]) -> list[str]: ...
+    def failure(self, error: ApiError) -> list[str]: ...
+    def closing(self) -> list[str]: ...
 
 
 def find_api_error(error: BaseException) -> ApiError | None:
@@ -61,176 +63,34 @@ def find_api_error(error: BaseException) -> ApiError | None:
     return None
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """The error in the envelope of the dialect the request came in."""
+    anthropic_path = request.url.path.endswith(ANTHROPIC_PATHS) or "/v1/messages/" in request.url.path
+    body = anthropic_error_body(error) if anthropic_path else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 @app.exception_handler(Exception)
 async def _any_error(request: Request, error: Exception) -> JSONResponse:
     api_error = find_api_error(error)
-    if api_error is not None:
-        return error_response(api_error)
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        error_body(f"Internal server error: {type(error).__name__}", "server_error"),
-        status_code=500,
-    )
+    if api_error is None:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        api_error = ApiError(500, f"Internal server error: {type(error).__name__}", "server_error")
+    return error_response(request, api_error)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {error.detail}"
-    return JSONResponse(error_body(message, kind), status_code=error.status_code)
+    return error_response(request, ApiError(error.status_code, message, kind))
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
     path = ".".join(str(part) for part in first["loc"])
-    return JSONResponse(
-        error_body(f"{path}: {first['msg']}", "invalid_request_error", path), status_code=400
-    )
-
-
-class Reply:
-    """OpenAI response objects for one request, chat or legacy completion shaped, from the
-    generation's events. A streamed reply's chunks add up to the plain reply."""
-
-    def __init__(self, model: str, chat: bool, logprobs: bool = False):
-        self.model = model
-        self.chat = chat
-        self.logprobs = logprobs
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.calls = 0  # tool calls sent so far: the next one's index
-        self.text_offset = 0  # legacy completions' logprobs point into the text
-
-    def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def full(self, events: list[Event]) -> dict[str, Any]:
-        finish = events[-1]
-        assert isinstance(finish, Finish)
-        text = "".join(e.text for e in events if isinstance(e, Content))
-        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
-        choice: dict[str, Any] = {
-            "index": 0,
-            "finish_reason": finish.finish_reason,
-            "logprobs": self._logprobs(tokens) if self.logprobs else None,
-        }
-        if self.chat:
-            calls = [self._tool_call(e) for e in events if isinstance(e, ToolCall)]
-            reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
-            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-            if reasoning:
-                message["reasoning_content"] = reasoning
-            if calls:
-                message["tool_calls"] = calls
-            choice["message"] = message
-        else:
-            choice["text"] = text
-        kind = "chat.completion" if self.chat else "text_completion"
-        return self._object(kind, [choice], usage=finish.usage())
-
-    def opening(self, with_usage: bool) -> dict[str, Any]:
-        """A chat stream's first chunk: the role, empty content."""
-        return self._chunk({"role": "assistant", "content": ""}, None, with_usage)
-
-    def chunks(self, events: list[Event], with_usage: bool) -> list[dict[str, Any]]:
-        """The chunks for one batch of events: text and reasoning with their log-probabilities
-        in one, each tool call in two (its id and name, then its arguments), the finish in one."""
-        chunks = []
-        text = "".join(e.text for e in events if isinstance(e, Content))
-        reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
-        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
-        if text or reasoning or tokens:
-            if self.chat:
-                delta: dict[str, Any] = {"content": text} if text else {}
-                if reasoning:
-                    delta["reasoning_content"] = reasoning
-            else:
-                delta = {"text": text}
-            chunks.append(self._chunk(delta, None, with_usage, self._logprobs(tokens) if self.logprobs else None))
-        for event in events:
-            if isinstance(event, ToolCall):
-                call = self._tool_call(event)
-                index = call.pop("index")
-                arguments = call["function"]["arguments"]
-                opening = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
-                chunks.append(self._chunk({"tool_calls": [{"index": index, **opening}]}, None, with_usage))
-                chunks.append(
-                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None, with_usage)
-                )
-            elif isinstance(event, Finish):
-                chunks.append(self._chunk({} if self.chat else {"text": ""}, event.finish_reason, with_usage))
-        return chunks
-
-    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._object(kind, [], usage=finish.usage())
-
-    def _chunk(
-        self, delta: dict[str, Any], finish_reason: str | None, with_usage: bool, logprobs: Any = None
-    ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
-        if self.chat:
-            choice["delta"] = delta
-        else:
-            choice["text"] = delta.get("text", "")
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._object(kind, [choice], **({"usage": None} if with_usage else {}))
-
-    def _tool_call(self, call: ToolCall) -> dict[str, Any]:
-        index, self.calls = self.calls, self.calls + 1
-        return {
-            "index": index,
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments},
-        }
-
-    def _logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any]:
-        if self.chat:
-            return {
-                "content": [
-                    {
-                        "token": t.token,
-                        "logprob": t.logprob,
-                        "bytes": t.bytes,
-                        "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": a.bytes} for a in t.top],
-                    }
-                    for t in tokens
-                ]
-            }
-        offsets = []
-        for t in tokens:
-            offsets.append(self.text_offset)
-            self.text_offset += len(t.token)
-        return {
-            "tokens": [t.token for t in tokens],
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens],
-            "text_offset": offsets,
-        }
-
-
-def encode_vector(vector: Any, encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        # Little-endian float32 bytes: what the OpenAI client asks for by default and decodes.
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
-    return vector.tolist()
-
-
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return error_response(request, ApiError(400, f"{path}: {first['msg']}", param=path))
 
 
 def decode_json(raw: bytes) -> Any:
@@ -289,6 +149,7 @@ class Ingress:
         capabilities: dict[str, Capabilities],
         controller: DeploymentHandle,
         models: dict[str, DeploymentHandle],
+        stored_responses: DeploymentHandle,
     ):
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
@@ -301,6 +162,7 @@ class Ingress:
         )
         self.controller = controller
         self.models = models
+        self.stored_responses = stored_responses
         self.leases = LeaseKeeper(
             controller,
             # A request waits for its model's load, and through a controller restart.
@@ -310,7 +172,7 @@ class Ingress:
         self.started = int(time.time())
         self._tasks: set[asyncio.Task] = set()
 
-    # -- routes -------------------------------------------------------------------------------
+    # -- health and catalog -------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -342,46 +204,26 @@ class Ingress:
         statuses = await self.controller.statuses.remote()
         return self._model_card(entry, statuses[entry.id])
 
+    # -- OpenAI -------------------------------------------------------------------------------
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
         entry = self._entry(body.model, CHAT)
-        refs = [
-            ImageRef(part.image_url.url, f"messages.{i}.content.{j}.image_url")
-            for i, message in enumerate(body.messages)
-            for j, part in enumerate(message.content if isinstance(message.content, list) else [])
-            if isinstance(part, ImagePart)
-        ]
-        vision = self.capabilities[entry.type].accepts_images
-        if refs and not vision:
-            raise ApiError(400, f"Model {entry.id} does not support vision", param="messages")
-        if len(refs) > self.config.max_images_per_request:
-            raise ApiError(
-                400,
-                f"at most {self.config.max_images_per_request} images per request, got {len(refs)}",
-                param="messages",
-            )
-        constraint = self._constraint(entry, body)
-        images = await load_images(refs, self.image_policy) if refs else []
-        job = TextJob(
-            sampling=body.sampling(),
-            messages=[m.for_template(vision) for m in body.messages],
-            images=images,
-            tools=body.tools_offered,
-            template_kwargs=body.template_kwargs,
-            constraint=constraint,
-            logprobs=body.logprobs_wanted,
-        )
-        return await self._generate(entry, job, Reply(entry.id, chat=True, logprobs=body.logprobs), body)
+        images = await self._images(entry, body.image_urls())
+        job = body.to_generation(self._vision(entry), images)
+        self._check(entry, job, body.needs(), body.constraint_param)
+        reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
+        return await self._respond(entry, job, reply, body.stream)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
-        self._require(entry, "logprobs", body.logprobs is not None, "logprobs")
-        job = TextJob(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
-        reply = Reply(entry.id, chat=False, logprobs=body.logprobs is not None)
-        return await self._generate(entry, job, reply, body)
+        job = GenerationRequest(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
+        self._check(entry, job, {"logprobs": "logprobs"} if body.logprobs is not None else {}, "prompt")
+        reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
+        return await self._respond(entry, job, reply, body.stream)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -403,6 +245,60 @@ class Ingress:
             "model": entry.id,
             "usage": {"prompt_tokens": embedded.prompt_tokens, "total_tokens": embedded.prompt_tokens},
         }
+
+    @app.post("/v1/responses")
+    async def create_response(self, request: Request):
+        body = await self._parse(request, responses.ResponsesRequest)
+        entry = self._entry(body.model, CHAT)
+        earlier = await self._stored_chat(body.previous_response_id)
+        images = await self._images(entry, body.image_urls())
+        chat = body.chat(earlier, self._vision(entry))
+        job = body.to_generation(chat, images)
+        self._check(entry, job, body.needs(), body.constraint_param)
+        reply = responses.Reply(entry.id, body)
+        store = self._response_storer(reply, body.store, chat)
+        return await self._respond(entry, job, reply, body.stream, after=store)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str) -> dict[str, Any]:
+        record = await self.stored_responses.get.remote(response_id)
+        if record is None:
+            raise self._unknown_response(response_id, "response_id")
+        return record["response"]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str) -> dict[str, Any]:
+        if not await self.stored_responses.delete.remote(response_id):
+            raise self._unknown_response(response_id, "response_id")
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    # -- Anthropic ----------------------------------------------------------------------------
+
+    @app.post("/v1/messages")
+    async def messages(self, request: Request):
+        body = await self._parse(request, anthropic.MessagesRequest)
+        entry = self._entry(body.model, CHAT)
+        images = await self._images(entry, body.image_urls())
+        job = body.to_generation(self._vision(entry), images)
+        self._check(entry, job, body.needs(), body.constraint_param)
+        return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request) -> dict[str, int]:
+        body = await self._parse(request, anthropic.CountTokensRequest)
+        entry = self._entry(body.model, CHAT)
+        if entry.type != "text-generation":
+            raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
+        job = body.to_generation(vision=False, images=[])
+        self._check(entry, job, body.needs(), body.constraint_param)
+        lease = await self.leases.acquire(entry.id)
+        try:
+            tokens = await self.models[entry.id].count_tokens.remote(job, lease.id)
+        except RayActorError:
+            self._model_failed(entry.id)
+        finally:
+            self.leases.release(lease)
+        return {"input_tokens": tokens}
 
     @app.get("/admin/models")
     async def admin_models(self, request: Request) -> dict[str, Any]:
@@ -471,25 +367,63 @@ class Ingress:
             "logprobs": kind.logprobs,
         }
 
-    def _require(self, entry: ModelEntry, feature: str, wanted: bool, param: str) -> None:
-        if wanted and not self._features(entry)[feature]:
-            raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
+    def _vision(self, entry: ModelEntry) -> bool:
+        return self.capabilities[entry.type].accepts_images
 
-    def _constraint(self, entry: ModelEntry, body: ChatCompletionRequest) -> Constraint | None:
-        """What a chat's answer must be (a forced tool call in the model's own format, or the
-        JSON of response_format), refused here if it does not compile."""
-        self._require(entry, "tools", bool(body.tools_offered), "tools")
-        self._require(entry, "structured_output", body.structured, "response_format")
-        self._require(entry, "logprobs", body.logprobs, "logprobs")
-        self._require(entry, "reasoning", body.reasoning_effort is not None, "reasoning_effort")
-        constraint = body.constraint
-        if constraint is None:
-            return None
-        problem = constraint.error(FORMATS.get(entry.tool_format or ""))
-        if problem:
-            param = "tools" if constraint.schema is None else "response_format.json_schema.schema"
-            raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}", param=param)
-        return constraint
+    def _check(self, entry: ModelEntry, job: GenerationRequest, needs: dict[str, str], constraint_param: str) -> None:
+        """Refuse what the model cannot do (400 naming the field that asked for it), and a
+        constraint that does not compile."""
+        features = self._features(entry)
+        for feature, param in needs.items():
+            if not features[feature]:
+                raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
+        if job.constraint is not None:
+            problem = job.constraint.error(FORMATS.get(entry.tool_format or ""))
+            if problem:
+                raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}", param=constraint_param)
+
+    async def _images(self, entry: ModelEntry, urls: list[tuple[str, str]]) -> list[Any]:
+        if not urls:
+            return []
+        if not self._vision(entry):
+            raise ApiError(400, f"Model {entry.id} does not support vision", param="messages")
+        if len(urls) > self.config.max_images_per_request:
+            raise ApiError(
+                400,
+                f"at most {self.config.max_images_per_request} images per request, got {len(urls)}",
+                param="messages",
+            )
+        return await load_images([ImageRef(url, param) for url, param in urls], self.image_policy)
+
+    async def _stored_chat(self, response_id: str | None) -> list[dict[str, Any]]:
+        if response_id is None:
+            return []
+        record = await self.stored_responses.get.remote(response_id)
+        if record is None:
+            raise self._unknown_response(response_id, "previous_response_id")
+        return record["chat"]
+
+    def _response_storer(self, reply: "responses.Reply", store: bool, chat: list[dict[str, Any]]):
+        """What to do once a Responses answer is complete: keep it, with the conversation,
+        for later requests that continue it (instructions are not carried over)."""
+
+        async def keep(events: list[Event]) -> None:
+            if not store or reply.finished is None:
+                return
+            conversation = [m for m in chat if m["role"] != "system"] + responses.turns(events)
+            await self.stored_responses.put.remote(reply.id, {"response": reply.finished, "chat": conversation})
+
+        return keep
+
+    @staticmethod
+    def _unknown_response(response_id: str, param: str) -> ApiError:
+        return ApiError(
+            404,
+            f"No stored response {response_id!r}: it never existed, was not stored, was deleted or "
+            "expired (responses_ttl)",
+            param=param,
+            code="response_not_found",
+        )
 
     def _entry(self, model_id: str, endpoint: str | None = None) -> ModelEntry:
         entry = self.catalog.get(model_id)
@@ -551,56 +485,64 @@ class Ingress:
             ) from None
         return b"".join(chunks)
 
-    async def _generate(self, entry: ModelEntry, job: TextJob, reply: Reply, body) -> Any:
+    async def _respond(
+        self, entry: ModelEntry, job: GenerationRequest, reply: Reply, stream: bool, after: Any = None
+    ) -> Any:
+        """Generate under a lease and answer in the reply's dialect, whole or streamed.
+        `after(events)` runs once the answer is complete (Responses keeps it)."""
         lease = await self.leases.acquire(entry.id)
         handle = self.models[entry.id]
-        if not body.stream:
+        if not stream:
             try:
                 events = await handle.generate.remote(job, lease.id)
             except RayActorError:
                 self._model_failed(entry.id)
             finally:
                 self.leases.release(lease)
-            return reply.full(events)
-        events = handle.options(stream=True).stream.remote(job, lease.id)
+            body = reply.full(events)
+            if after is not None:
+                await after(events)
+            return JSONResponse(body)
+        batches = handle.options(stream=True).stream.remote(job, lease.id)
         try:
             # Errors before the first token (bad template, context too long) still get a
             # proper status code instead of a 200 stream carrying an error.
-            first = await events.__anext__()
+            first = await batches.__anext__()
         except BaseException as error:
-            events.cancel()
+            batches.cancel()
             self.leases.release(lease)
             if isinstance(error, RayActorError):
                 self._model_failed(entry.id)
             raise
-        stream = self._sse(entry.id, lease, first, events, reply, body.include_usage)
-        self.leases.release_when_collected(stream, lease)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        stream_body = self._sse(entry.id, lease, first, batches, reply, after)
+        self.leases.release_when_collected(stream_body, lease)
+        return StreamingResponse(stream_body, media_type="text/event-stream")
 
     async def _sse(
         self,
         model_id: str,
         lease: Lease,
-        first: Any,
-        events: AsyncIterator,
+        first: list[Event],
+        batches: AsyncIterator,
         reply: Reply,
-        with_usage: bool,
+        after: Any,
     ) -> AsyncIterator[str]:
+        events: list[Event] = []
         try:
-            if reply.chat:
-                yield sse(reply.opening(with_usage))
+            for line in reply.opening():
+                yield line
             batch = first
             while True:
-                for chunk in reply.chunks(batch, with_usage):
-                    yield sse(chunk)
+                events += batch
+                for line in reply.batch(batch):
+                    yield line
                 if batch and isinstance(batch[-1], Finish):
-                    if with_usage:
-                        yield sse(reply.usage_chunk(batch[-1]))
                     break
-                batch = await events.__anext__()
-            yield "data: [DONE]\n\n"
+                batch = await batches.__anext__()
+            for line in reply.closing():
+                yield line
         except asyncio.CancelledError:
-            events.cancel()
+            batches.cancel()
             raise
         except Exception as error:
             api_error = find_api_error(error)
@@ -609,9 +551,13 @@ class Ingress:
             if api_error is None:
                 logger.exception("stream from model %s failed", model_id)
                 api_error = ApiError(500, f"Generation failed: {type(error).__name__}", "server_error")
-            yield sse(api_error.body())
+            for line in reply.failure(api_error):
+                yield line
+            return
         finally:
             self.leases.release(lease)
+        if after is not None:
+            await after(events)
 
     def _model_failed(self, model_id: str) -> NoReturn:
         """A model call failed because its replica died: 503 for this request."""

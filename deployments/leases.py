@@ -16,7 +16,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.openai_types import ApiError
+from dialects.errors import ApiError
 from policies.ledger import Lease
 
 logger = logging.getLogger("ray.serve")

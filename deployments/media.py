@@ -23,7 +23,7 @@ import httpcore
 import httpx
 from PIL import ExifTags, Image, ImageOps
 
-from deployments.openai_types import ApiError
+from dialects.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
 

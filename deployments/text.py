@@ -13,7 +13,8 @@ from deployments.batching import BatchEngine, Sequence, Step
 from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
 from deployments.model_server import ModelServer
-from deployments.openai_types import ApiError, Sampling, TextJob
+from dialects.errors import ApiError
+from policies.generation import GenerationRequest, Sampling
 from policies.config import AppConfig, ModelEntry
 from policies.detection import gguf_file
 from policies.events import Content, Event, Finish, Logprobs, ToolCall, merged
@@ -41,7 +42,7 @@ class CompletionTracker:
         events: list[Event] = [Logprobs([step.logprob])] if step.logprob else []
         events += self._split(self.stops.feed(step.text))
         if self.stops.stopped:
-            events += self._finish("stop", step)
+            events += self._finish("stop", step, self.stops.matched)
         elif step.finish_reason:
             events += self._split(self.stops.flush())
             events += self._finish(step.finish_reason, step)
@@ -54,13 +55,13 @@ class CompletionTracker:
         self.tool_calls += sum(isinstance(e, ToolCall) for e in events)
         return events
 
-    def _finish(self, reason: str, step: Step) -> list[Event]:
+    def _finish(self, reason: str, step: Step, stop_sequence: str | None = None) -> list[Event]:
         events: list[Event] = self.parser.finish() if self.parser else []
         self.tool_calls += sum(isinstance(e, ToolCall) for e in events)
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
         self.finished = True
-        return [*events, Finish(reason, step.prompt_tokens, self.tokens)]  # type: ignore[arg-type]
+        return [*events, Finish(reason, step.prompt_tokens, self.tokens, stop_sequence)]  # type: ignore[arg-type]
 
 
 def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
@@ -84,6 +85,7 @@ def make_sampler(adapter: FamilyAdapter, sampling: Sampling) -> Callable:
     return mlx_lm_sampler(
         temp=adapter.temperature if sampling.temperature is None else sampling.temperature,
         top_p=adapter.top_p if sampling.top_p is None else sampling.top_p,
+        top_k=sampling.top_k or 0,
     )
 
 
@@ -96,7 +98,7 @@ class GenerativeServer(ModelServer):
         self.default_max_tokens = config.default_max_tokens
         self.adapter = adapter_for(entry.family)
 
-    async def generate(self, job: TextJob, lease_id: str) -> list[Event]:
+    async def generate(self, job: GenerationRequest, lease_id: str) -> list[Event]:
         events: list[Event] = []
         async for batch in self.stream(job, lease_id):
             events += batch
@@ -104,13 +106,13 @@ class GenerativeServer(ModelServer):
             raise RuntimeError("generation ended without a finish event")
         return merged(events)
 
-    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator[list[Event]]:
+    async def stream(self, job: GenerationRequest, lease_id: str) -> AsyncIterator[list[Event]]:
         """Events in batches: one batch per chunk the client gets (text merged within)."""
         async with self.serving(lease_id):
             async for batch in self.events(job):
                 yield batch
 
-    def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
+    def events(self, job: GenerationRequest) -> AsyncIterator[list[Event]]:
         raise NotImplementedError
 
 
@@ -127,7 +129,13 @@ class TextModel(GenerativeServer):
         self.gguf_dequantize = config.gguf_dequantize
         self.grammar_tokenizer: GrammarTokenizer | None = None
 
-    async def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
+    async def count_tokens(self, job: GenerationRequest, lease_id: str) -> int:
+        """The prompt's length in tokens, as a generation would read it."""
+        async with self.serving(lease_id):
+            prompt, _ = await asyncio.to_thread(self._prompt_tokens, job)
+        return len(prompt)
+
+    async def events(self, job: GenerationRequest) -> AsyncIterator[list[Event]]:
         # Templates, tokenizers and grammar compilation are plain Python or Rust over the
         # whole request: not on the event loop.
         prompt, in_reasoning = await asyncio.to_thread(self._prompt_tokens, job)
@@ -165,7 +173,7 @@ class TextModel(GenerativeServer):
         finally:
             sequence.cancelled = True  # the engine drops it from the batch, if still there
 
-    def _output_parser(self, job: TextJob, in_reasoning: bool) -> OutputParser:
+    def _output_parser(self, job: GenerationRequest, in_reasoning: bool) -> OutputParser:
         # Without tools offered nothing is a call (a Llama answer opening with "{" is text).
         tool_format = self._tool_format if job.tools else None
         return OutputParser(tool_format, self.entry.think, in_reasoning)
@@ -201,7 +209,7 @@ class TextModel(GenerativeServer):
 
     # -- prompt ---------------------------------------------------------------------------
 
-    def _prompt_tokens(self, job: TextJob) -> tuple[list[int], bool]:
+    def _prompt_tokens(self, job: GenerationRequest) -> tuple[list[int], bool]:
         """The prompt's tokens, and whether it leaves the model inside its think block (as
         templates that open `<think>` for the model do)."""
         tokenizer = self.tokenizer

@@ -7,7 +7,8 @@ from typing import AsyncIterator, Iterator
 from ray import serve
 
 from deployments.batching import Step
-from deployments.openai_types import ApiError, TextJob
+from dialects.errors import ApiError
+from policies.generation import GenerationRequest
 from deployments.text import GenerativeServer, completion_events, make_sampler
 from policies.events import Event
 from policies.config import AppConfig, ModelEntry
@@ -23,7 +24,7 @@ class VisionModel(GenerativeServer):
         self.model = None
         self.processor = None
 
-    async def events(self, job: TextJob) -> AsyncIterator[list[Event]]:
+    async def events(self, job: GenerationRequest) -> AsyncIterator[list[Event]]:
         if len(job.images) > 1 and self.entry.family in SINGLE_IMAGE_FAMILIES:
             raise ApiError(
                 400,
@@ -41,7 +42,7 @@ class VisionModel(GenerativeServer):
 
         self.model, self.processor = load(self.entry.path)
 
-    def _events(self, job: TextJob) -> Iterator[Event]:
+    def _events(self, job: GenerationRequest) -> Iterator[Event]:
         from mlx_vlm import stream_generate
         from mlx_vlm.prompt_utils import apply_chat_template
 

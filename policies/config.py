@@ -13,6 +13,7 @@ from policies.memory import parse_limit, parse_size
 # Names of the application's own deployments; a model id may not take them.
 INGRESS_NAME = "fleet-ingress"
 CONTROLLER_NAME = "fleet-controller"
+RESPONSES_NAME = "fleet-responses"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -131,6 +132,10 @@ class AppConfig(BaseModel):
     request_body_timeout: Duration = Field(
         default="30s", description="Time a client has to send the whole request body."
     )
+    responses_ttl: Duration = Field(
+        default="1h", description="How long a stored Responses API answer can be continued or fetched."
+    )
+    responses_max: int = Field(default=1000, ge=1, description="Stored Responses API answers kept at most.")
 
     @field_validator("admin_api_key")
     @classmethod
@@ -147,7 +152,7 @@ class AppConfig(BaseModel):
         seen: dict[str, str] = {}
         for spec in self.models:
             name = deployment_name(spec.id)
-            if name in (INGRESS_NAME, CONTROLLER_NAME):
+            if name in (INGRESS_NAME, CONTROLLER_NAME, RESPONSES_NAME):
                 raise ValueError(f"model id {spec.id!r} is reserved; choose another id")
             if name in seen:
                 raise ValueError(
@@ -180,6 +185,10 @@ class AppConfig(BaseModel):
     @property
     def request_body_seconds(self) -> float:
         return parse_duration(self.request_body_timeout)
+
+    @property
+    def responses_ttl_seconds(self) -> float:
+        return parse_duration(self.responses_ttl)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class Finish:
     finish_reason: Literal["stop", "length", "tool_calls"]
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None  # the client's stop sequence that ended the text, if one did
 
     def usage(self) -> dict[str, int]:
         return {

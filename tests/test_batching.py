@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from deployments.batching import BatchEngine, Sequence, Step
-from deployments.openai_types import Sampling
+from policies.generation import Sampling
 from deployments.text import make_sampler
 from policies.families import adapter_for
 

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import httpx
 from ray import serve
 
-from deployments.openai_types import TextJob
+from policies.generation import GenerationRequest
 from policies.events import Content, Finish
 from deployments.registry import CHAT, MODEL_KINDS, Capabilities, ModelKind
 from graph import build_application
@@ -33,11 +33,11 @@ class EchoModel:
 
         return ReplicaState("loaded" if self.loaded else "none", self.loaded, [])
 
-    async def generate(self, job: TextJob, lease_id: str) -> list:
+    async def generate(self, job: GenerationRequest, lease_id: str) -> list:
         text = job.messages[-1]["content"][::-1]
         return [Content(text), Finish("stop", len(job.messages), len(text))]
 
-    async def stream(self, job: TextJob, lease_id: str) -> AsyncIterator:
+    async def stream(self, job: GenerationRequest, lease_id: str) -> AsyncIterator:
         text, finish = await self.generate(job, lease_id)
         for char in text.text:
             yield [Content(char)]

@@ -1,14 +1,20 @@
-"""OpenAI request schemas, the error envelope, and the messages that travel to model servers."""
+"""OpenAI's dialect: Chat Completions, legacy Completions and Embeddings requests, and the
+replies (plain and streamed) built from a generation's events."""
 
 from __future__ import annotations
 
+import base64
 import json
-from dataclasses import dataclass, field
+import time
+import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dialects.errors import ApiError
 from policies.constraints import Constraint
+from policies.events import Content, Event, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall
+from policies.generation import GenerationRequest, Sampling
 
 
 # Far above any context window we serve; anything larger is a client bug, not a wish.
@@ -19,69 +25,6 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1000
 MAX_TOP_LOGPROBS = 20  # chat; legacy completions allow 5
 MAX_COMPLETION_LOGPROBS = 5
-
-
-class ApiError(Exception):
-    """An error the client caused or must know about, rendered as the OpenAI error envelope.
-
-    Arguments are positional in `Exception.args` so the error survives pickling across Ray.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(status, message, type, param, code, headers)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.type}: {self.message}"
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def model_not_found(model: str) -> ApiError:
-    return ApiError(
-        404,
-        f"The model '{model}' does not exist. GET /v1/models lists the models this server has.",
-        param="model",
-        code="model_not_found",
-    )
-
-
-def validation_error_to_api_error(error: ValidationError) -> ApiError:
-    """Pydantic's most specific complaint, named by its JSON path, as a 400.
-
-    For a value that matches no member of a union pydantic reports one error per member;
-    the deepest one is about the member the client meant (a list of parts, not a string).
-    """
-    deepest = max(error.errors(), key=lambda e: len(e["loc"]))
-    path = ".".join(str(part) for part in deepest["loc"] if not _is_union_label(part))
-    message = deepest["msg"]
-    if path:
-        message = f"{path}: {message}"
-    return ApiError(400, message, param=path or None)
-
-
-def _is_union_label(part: str | int) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
 
 
 class _Request(BaseModel):
@@ -264,7 +207,7 @@ class _GenerationRequest(_Request):
             raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stop
 
-    def sampling(self, max_tokens: int | None = None) -> "Sampling":
+    def sampling(self, max_tokens: int | None = None) -> Sampling:
         return Sampling(
             max_tokens=max_tokens or self.max_tokens,
             temperature=self.temperature,
@@ -314,7 +257,7 @@ class ChatCompletionRequest(_GenerationRequest):
             )
         return self
 
-    def sampling(self) -> "Sampling":  # type: ignore[override]
+    def sampling(self) -> Sampling:  # type: ignore[override]
         # The newer name wins: OpenAI deprecated max_tokens for chat in its favour.
         return super().sampling(self.max_completion_tokens)
 
@@ -366,6 +309,43 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def needs(self) -> dict[str, str]:
+        """The model features this request asks for, each with the field that asks."""
+        wanted = {
+            "tools": bool(self.tools_offered),
+            "structured_output": self.structured,
+            "logprobs": self.logprobs,
+            "reasoning": self.reasoning_effort is not None,
+        }
+        fields = {"tools": "tools", "structured_output": "response_format", "logprobs": "logprobs",
+                  "reasoning": "reasoning_effort"}
+        return {feature: fields[feature] for feature, asked in wanted.items() if asked}
+
+    @property
+    def constraint_param(self) -> str:
+        constraint = self.constraint
+        return "tools" if constraint is None or constraint.schema is None else "response_format.json_schema.schema"
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """Every image part's URL with its JSON path, in order."""
+        return [
+            (part.image_url.url, f"messages.{i}.content.{j}.image_url")
+            for i, message in enumerate(self.messages)
+            for j, part in enumerate(message.content if isinstance(message.content, list) else [])
+            if isinstance(part, ImagePart)
+        ]
+
+    def to_generation(self, vision: bool, images: list[Any]) -> GenerationRequest:
+        return GenerationRequest(
+            sampling=self.sampling(),
+            messages=[m.for_template(vision) for m in self.messages],
+            images=images,
+            tools=self.tools_offered,
+            template_kwargs=self.template_kwargs,
+            constraint=self.constraint,
+            logprobs=self.logprobs_wanted,
+        )
 
 
 class CompletionRequest(_GenerationRequest):
@@ -434,33 +414,155 @@ class PreloadRequest(BaseModel):
     pin: bool = True
 
 
-@dataclass
-class Sampling:
-    """Sampling settings as the client sent them; None means "the model's default"."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-@dataclass
-class TextJob:
-    """What the ingress asks a text or vision server to generate: chat messages or a raw
-    prompt. For vision models a message's content may list parts, where each
-    `{"type": "image"}` part stands for the next of `images` (PIL images, in order)."""
+class Reply:
+    """OpenAI response objects for one request, chat or legacy completion shaped, from the
+    generation's events. A streamed reply's chunks add up to the plain reply."""
 
-    sampling: Sampling
-    messages: list[dict[str, Any]] | None = None
-    prompt: str | None = None
-    images: list[Any] = field(default_factory=list)
-    tools: list[dict[str, Any]] = field(default_factory=list)  # rendered by the chat template
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-    constraint: Constraint | None = None  # what the answer must be (a JSON value, tool calls)
-    logprobs: int | None = None  # None: none; n: each token's and its n likeliest alternatives'
+    def __init__(self, model: str, chat: bool, logprobs: bool = False, include_usage: bool = False):
+        self.model = model
+        self.chat = chat
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.calls = 0  # tool calls sent so far: the next one's index
+        self.text_offset = 0  # legacy completions' logprobs point into the text
 
-    @property
-    def chat(self) -> bool:
-        return self.messages is not None
+    def _object(self, kind: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
+    def full(self, events: list[Event]) -> dict[str, Any]:
+        finish = events[-1]
+        assert isinstance(finish, Finish)
+        text = "".join(e.text for e in events if isinstance(e, Content))
+        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish.finish_reason,
+            "logprobs": self._logprobs(tokens) if self.logprobs else None,
+        }
+        if self.chat:
+            calls = [self._tool_call(e) for e in events if isinstance(e, ToolCall)]
+            reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice["message"] = message
+        else:
+            choice["text"] = text
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self._object(kind, [choice], usage=finish.usage())
+
+    def opening(self) -> list[str]:
+        """A chat stream's first chunk: the role, empty content."""
+        return [sse(self._chunk({"role": "assistant", "content": ""}, None, self.include_usage))] if self.chat else []
+
+    def batch(self, events: list[Event]) -> list[str]:
+        chunks = [sse(chunk) for chunk in self.chunks(events, self.include_usage)]
+        finish = events[-1] if events and isinstance(events[-1], Finish) else None
+        if finish is not None and self.include_usage:
+            chunks.append(sse(self.usage_chunk(finish)))
+        return chunks
+
+    def failure(self, error: ApiError) -> list[str]:
+        return [sse(error.body())]
+
+    def closing(self) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+    def chunks(self, events: list[Event], with_usage: bool) -> list[dict[str, Any]]:
+        """The chunks for one batch of events: text and reasoning with their log-probabilities
+        in one, each tool call in two (its id and name, then its arguments), the finish in one."""
+        chunks = []
+        text = "".join(e.text for e in events if isinstance(e, Content))
+        reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+        tokens = [t for e in events if isinstance(e, Logprobs) for t in e.tokens]
+        if text or reasoning or tokens:
+            if self.chat:
+                delta: dict[str, Any] = {"content": text} if text else {}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
+            else:
+                delta = {"text": text}
+            chunks.append(self._chunk(delta, None, with_usage, self._logprobs(tokens) if self.logprobs else None))
+        for event in events:
+            if isinstance(event, ToolCall):
+                call = self._tool_call(event)
+                index = call.pop("index")
+                arguments = call["function"]["arguments"]
+                opening = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+                chunks.append(self._chunk({"tool_calls": [{"index": index, **opening}]}, None, with_usage))
+                chunks.append(
+                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None, with_usage)
+                )
+            elif isinstance(event, Finish):
+                chunks.append(self._chunk({} if self.chat else {"text": ""}, event.finish_reason, with_usage))
+        return chunks
+
+    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [], usage=finish.usage())
+
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None, with_usage: bool, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("text", "")
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._object(kind, [choice], **({"usage": None} if with_usage else {}))
+
+    def _tool_call(self, call: ToolCall) -> dict[str, Any]:
+        index, self.calls = self.calls, self.calls + 1
+        return {
+            "index": index,
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+
+    def _logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": t.token,
+                        "logprob": t.logprob,
+                        "bytes": t.bytes,
+                        "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": a.bytes} for a in t.top],
+                    }
+                    for t in tokens
+                ]
+            }
+        offsets = []
+        for t in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def encode_vector(vector: Any, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        # Little-endian float32 bytes: what the OpenAI client asks for by default and decodes.
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()

@@ -1,0 +1,12 @@
+"""The API dialects clients speak: OpenAI Chat Completions (and legacy Completions and
+Embeddings), OpenAI Responses, Anthropic Messages.
+
+Each is a thin, pure translation: a request schema that becomes one
+`policies.generation.GenerationRequest`, and a reply that turns the generation's events
+(`policies.events`) into that dialect's answer, whole or as a stream of server-sent events.
+No dialect generates anything itself: the model servers never see which one was spoken.
+
+A streamed reply is written by a `Reply` with the same four methods in every dialect:
+`opening()` before any event, `batch(events)` for each batch of events as they come,
+`failure(error)` when the generation fails mid-stream, `closing()` after the Finish.
+"""
