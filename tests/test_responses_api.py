@@ -1,0 +1,129 @@
+"""OpenAI's Responses API through the official `openai` client (`client.responses`): plain
+and streamed answers, function calls and their outputs, text.format, reasoning items,
+stored responses continued with previous_response_id, GET and DELETE."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+REAL = "smollm2-135m-instruct"
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "celsius": {"type": "boolean"}},
+        "required": ["city", "celsius"],
+        "additionalProperties": False,
+    },
+}
+QUESTION = "What is the capital of France?"
+
+
+def test_a_real_answer_plain_and_streamed(client):
+    response = client.responses.create(model=REAL, input=QUESTION, temperature=0, max_output_tokens=40)
+    assert response.status == "completed" and response.id.startswith("resp_")
+    assert "Paris" in response.output_text
+    (item,) = response.output
+    assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
+    assert response.usage.input_tokens > 10 and response.usage.total_tokens == (
+        response.usage.input_tokens + response.usage.output_tokens
+    )
+
+    events = list(client.responses.create(model=REAL, input=QUESTION, temperature=0, max_output_tokens=40, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    assert events[-1].response.output_text == response.output_text
+
+    with client.responses.stream(model=REAL, input=QUESTION, temperature=0, max_output_tokens=40) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == response.output_text
+
+
+def test_instructions_and_max_output_tokens(client):
+    short = client.responses.create(model=REAL, input=QUESTION, instructions="Answer in French.", max_output_tokens=3)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage.output_tokens == 3 and short.instructions == "Answer in French."
+
+
+def test_function_calls_plain_and_streamed_and_their_outputs(client):
+    kwargs = dict(model="tiny-qwen2", input=QUESTION, tools=[WEATHER], tool_choice="required", temperature=0,
+                  parallel_tool_calls=False, max_output_tokens=200)
+    response = client.responses.create(**kwargs)
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    arguments = json.loads(call.arguments)
+    assert call.name == "get_weather" and set(arguments) == {"city", "celsius"} and call.call_id
+
+    events = list(client.responses.create(**kwargs, stream=True))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert [(d.name, d.arguments) for d in done] == [(call.name, call.arguments)]
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+    with client.responses.stream(**kwargs) as stream:
+        final = stream.get_final_response()
+    assert [(i.name, i.arguments) for i in final.output if i.type == "function_call"] == [(call.name, call.arguments)]
+
+    follow_up = client.responses.create(
+        model="tiny-qwen2", tools=[WEATHER], max_output_tokens=5,
+        input=[{"role": "user", "content": QUESTION},
+               {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 degrees."}],
+    )
+    assert follow_up.usage.input_tokens > response.usage.input_tokens
+
+
+def test_text_format_json_schema_plain_and_streamed(client):
+    text = {"format": {"type": "json_schema", "name": "weather", "schema": WEATHER["parameters"], "strict": True}}
+    response = client.responses.create(model="tiny-qwen2", input=QUESTION, text=text, temperature=0, max_output_tokens=100)
+    value = json.loads(response.output_text)
+    assert set(value) == {"city", "celsius"} and value["city"] in ("Paris", "Rome")
+    with client.responses.stream(model="tiny-qwen2", input=QUESTION, text=text, temperature=0, max_output_tokens=100) as stream:
+        assert stream.get_final_response().output_text == response.output_text
+    as_object = client.responses.create(model=REAL, input=QUESTION, text={"format": {"type": "json_object"}},
+                                        temperature=0, max_output_tokens=100)
+    assert isinstance(json.loads(as_object.output_text), dict)
+
+
+def test_reasoning_items(client):
+    response = client.responses.create(model="tiny-qwen3", input=QUESTION, temperature=0, max_output_tokens=10)
+    (reasoning,) = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text
+    plain = client.responses.create(model="tiny-qwen3", input=QUESTION, temperature=0, max_output_tokens=10,
+                                    reasoning={"effort": "none"})
+    assert [item.type for item in plain.output] == ["message"]
+
+
+def test_stored_conversations_continue_and_can_be_fetched_and_deleted(client):
+    first = client.responses.create(model=REAL, input="My name is Ada. Remember it.", temperature=0, max_output_tokens=20)
+    second = client.responses.create(model=REAL, input="What is my name?", previous_response_id=first.id,
+                                     temperature=0, max_output_tokens=20)
+    alone = client.responses.create(model=REAL, input="What is my name?", temperature=0, max_output_tokens=20, store=False)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens  # the earlier turns
+
+    fetched = client.responses.retrieve(first.id)
+    assert fetched.id == first.id and fetched.output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.retrieve(first.id)
+    assert gone.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.responses.create(model=REAL, input="Hi", previous_response_id="resp_never")
+    assert unknown.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=REAL, input="Hi", previous_response_id=alone.id)  # store=False
+
+
+def test_what_a_model_cannot_do_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as no_tools:
+        client.responses.create(model="tiny-mistral", input=QUESTION, tools=[WEATHER])
+    assert no_tools.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as bad_schema:
+        client.responses.create(model="tiny-qwen2", input=QUESTION,
+                                text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}})
+    assert bad_schema.value.body["param"] == "text.format.schema"
