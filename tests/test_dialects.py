@@ -1,0 +1,164 @@
+"""The dialects' translations without Ray: requests into one GenerationRequest, events into
+each dialect's answer, whole and streamed (the stream adds up to the whole)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dialects import anthropic, openai, responses
+from dialects.errors import ApiError, anthropic_error_body
+from policies.events import Content, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall, TopLogprob
+
+EVENTS = [
+    Reasoning("Thinking it over."),
+    Content("It is "),
+    Content("sunny."),
+    ToolCall("get_weather", '{"city":"Paris"}'),
+    Finish("tool_calls", prompt_tokens=12, completion_tokens=9),
+]
+TOOL = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def sse_events(lines: list[str]) -> list[dict]:
+    return [json.loads(line.split("data: ", 1)[1]) for line in lines if "data: " in line and "[DONE]" not in line]
+
+
+# -- Anthropic ---------------------------------------------------------------------------------
+
+
+def test_anthropic_conversation_becomes_one_chat():
+    body = anthropic.MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "Be brief."}],
+        "tools": [TOOL], "tool_choice": {"type": "any"}, "stop_sequences": ["END"], "top_k": 5,
+        "thinking": {"type": "enabled", "budget_tokens": 100},
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                                              {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "Sunny"},
+                                         {"type": "text", "text": "Thanks"}]},
+        ],
+    })
+    job = body.to_generation(vision=False, images=[])
+    assert [m["role"] for m in job.messages] == ["system", "user", "assistant", "tool", "user"]
+    assert job.messages[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert job.messages[3] == {"role": "tool", "tool_call_id": "t1", "content": "Sunny"}
+    assert (job.sampling.max_tokens, job.sampling.top_k, job.sampling.stop) == (10, 5, ["END"])
+    assert job.template_kwargs == {"enable_thinking": True}
+    assert job.constraint is not None and job.constraint.tools and job.constraint.tool is None
+    assert body.needs() == {"tools": "tools", "reasoning": "thinking"}
+
+
+def test_anthropic_reply_whole_and_streamed_agree():
+    whole = anthropic.Reply("m").full(EVENTS)
+    assert [b["type"] for b in whole["content"]] == ["thinking", "text", "tool_use"]
+    assert whole["content"][1]["text"] == "It is sunny." and whole["content"][2]["input"] == {"city": "Paris"}
+    assert (whole["stop_reason"], whole["usage"]) == ("tool_use", {"input_tokens": 12, "output_tokens": 9})
+
+    reply = anthropic.Reply("m")
+    lines = reply.opening() + reply.batch(EVENTS[:2]) + reply.batch(EVENTS[2:]) + reply.closing()
+    assert all(line.startswith("event: ") for line in lines)
+    events = sse_events(lines)
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["message_start", "ping"] and kinds[-2:] == ["message_delta", "message_stop"]
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 3
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta")
+    arguments = "".join(
+        e["delta"]["partial_json"] for e in events
+        if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta"
+    )
+    assert text == "It is sunny." and json.loads(arguments) == {"city": "Paris"}
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_anthropic_stop_sequence_and_errors():
+    reply = anthropic.Reply("m").full([Content("a"), Finish("stop", 1, 1, stop_sequence="END")])
+    assert (reply["stop_reason"], reply["stop_sequence"]) == ("stop_sequence", "END")
+    assert anthropic_error_body(ApiError(404, "no such model")) == {
+        "type": "error", "error": {"type": "not_found_error", "message": "no such model"}}
+    assert anthropic_error_body(ApiError(503, "busy"))["error"]["type"] == "overloaded_error"
+    with pytest.raises(ApiError) as error:
+        anthropic.MessagesRequest.model_validate({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
+                                                  "tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"}})
+    assert error.value.param == "tool_choice"
+
+
+# -- Responses ---------------------------------------------------------------------------------
+
+
+def test_responses_items_become_one_chat_after_the_stored_one():
+    body = responses.ResponsesRequest.model_validate({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 7,
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+        ],
+    })
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    chat = body.chat(earlier, vision=False)
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "tool"]
+    assert [c["id"] for c in chat[4]["tool_calls"]] == ["c1", "c2"]  # consecutive calls, one turn
+    job = body.to_generation(chat, images=[])
+    assert job.sampling.max_tokens == 7 and job.tools[0]["function"]["name"] == "get_weather"
+    with pytest.raises(ApiError):
+        responses.ResponsesRequest.model_validate({"model": "m", "input": "x", "tool_choice": "required"})
+
+
+def test_responses_reply_whole_and_streamed_agree():
+    body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x"})
+    whole = responses.Reply("m", body).full(EVENTS)
+    assert [i["type"] for i in whole["output"]] == ["reasoning", "message", "function_call"]
+    assert whole["output"][1]["content"][0]["text"] == "It is sunny." and whole["status"] == "completed"
+    assert whole["usage"]["total_tokens"] == 21
+
+    reply = responses.Reply("m", body)
+    lines = reply.opening() + reply.batch(EVENTS[:2]) + reply.batch(EVENTS[2:]) + reply.closing()
+    events = sse_events(lines)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert added == done == [0, 1, 2]
+    final = events[-1]["response"]
+    assert [i["id"] for i in final["output"]] == [e["item"]["id"] for e in events if e["type"] == "response.output_item.done"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == final["output"][1]["content"][0]["text"] == "It is sunny."
+    incomplete = responses.Reply("m", body).full([Content("a"), Finish("length", 1, 1)])
+    assert incomplete["status"] == "incomplete" and incomplete["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_responses_turns_for_the_store():
+    (turn,) = responses.turns(EVENTS)
+    assert turn["content"] == "It is sunny." and turn["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+# -- OpenAI ------------------------------------------------------------------------------------
+
+
+def test_openai_chunks_add_up_to_the_whole_reply():
+    token = TokenLogprob("It", -0.1, list(b"It"), [TopLogprob("It", -0.1, list(b"It"))])
+    events = [Logprobs([token]), *EVENTS]
+    whole = openai.Reply("m", chat=True, logprobs=True).full(events)
+    message = whole["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("It is sunny.", "Thinking it over.")
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+
+    reply = openai.Reply("m", chat=True, logprobs=True, include_usage=True)
+    lines = reply.opening() + reply.batch(events) + reply.closing()
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = sse_events(lines)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content", "") for d in deltas) == "It is sunny."
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["index"] == 0
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Paris"}'
+    assert chunks[-1]["usage"]["total_tokens"] == 21 and chunks[-1]["choices"] == []
