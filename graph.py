@@ -19,7 +19,6 @@ from ray.serve import Application
 
 from deployments.controller import Controller
 from deployments.ingress import Ingress
-from deployments.response_store import ResponseStore
 from deployments.registry import MODEL_KINDS, ModelKind
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
@@ -140,6 +139,5 @@ def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Appl
         for entry in catalog
     }
     controller = Controller.bind(config, catalog, models)
-    responses = ResponseStore.bind(config)
     capabilities = {name: kind.capabilities for name, kind in kinds.items()}
-    return Ingress.bind(config, catalog, capabilities, controller, models, responses)
+    return Ingress.bind(config, catalog, capabilities, controller, models)

@@ -1,6 +1,10 @@
 """Latency: a one-token chat through the server, against the same work in-process.
 
-    python -m bench.latency [--repeats N]
+    python -m bench.latency [--repeats N] [--url URL --model NAME]
+
+With `--url`, the server modes run against another OpenAI-compatible server already
+listening there (a peer, serving the same tiny-llama files as NAME), next to the same
+in-process reference: the peer's rows, measured the same way in the same run.
 
 Per repeat, 100 rounds one after another on one keep-alive connection; each round runs,
 interleaved so that all see the same machine load:
@@ -19,6 +23,7 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import httpx
@@ -40,9 +45,9 @@ ROUNDS = 100
 WARM_UP_ROUNDS = 10
 
 
-def e2e_seconds(client: httpx.Client) -> float:
+def e2e_seconds(client: httpx.Client, model_id: str) -> float:
     started = time.perf_counter()
-    response = client.post("/v1/chat/completions", json=chat_body(MODEL_ID, 1, stream=False))
+    response = client.post("/v1/chat/completions", json=chat_body(model_id, 1, stream=False))
     seconds = time.perf_counter() - started
     tokens = response.raise_for_status().json()["usage"]["completion_tokens"]
     if tokens != 1:
@@ -50,10 +55,10 @@ def e2e_seconds(client: httpx.Client) -> float:
     return seconds
 
 
-def ttft_seconds(client: httpx.Client) -> float:
+def ttft_seconds(client: httpx.Client, model_id: str) -> float:
     # The rest of a one-token stream (finish and usage chunks) is read too, so the replica
     # is idle again before the next request.
-    return stream_chat(client, MODEL_ID, max_tokens=1).ttft_s
+    return stream_chat(client, model_id, max_tokens=1).ttft_s
 
 
 def in_process_seconds(model: Any, tokenizer: Any) -> float:
@@ -76,17 +81,22 @@ def p99(samples: Sequence[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--url", help="measure this running OpenAI-compatible server instead of ours")
+    parser.add_argument("--model", default=MODEL_ID, help="the model name to send with --url")
+    args = parser.parse_args()
+    repeats, model_id = args.repeats, args.model if args.url else MODEL_ID
     run_started = time.perf_counter()
 
     model, tokenizer = load(str(ROOT / MODEL_PATH))
     # Figure name -> one sample (milliseconds) per repeat, in the order the table lists them.
     samples: dict[str, list[float]] = defaultdict(list)
-    with serve_app(APP_ARGS) as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
-        wait_until_loaded(client, MODEL_ID)
+    server = nullcontext(args.url.rstrip("/").removesuffix("/v1")) if args.url else serve_app(APP_ARGS)
+    with server as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+        if not args.url:
+            wait_until_loaded(client, MODEL_ID)
         modes: dict[str, Callable[[], float]] = {
-            "server_e2e": lambda: e2e_seconds(client),
-            "server_ttft": lambda: ttft_seconds(client),
+            "server_e2e": lambda: e2e_seconds(client, model_id),
+            "server_ttft": lambda: ttft_seconds(client, model_id),
             "in_process": lambda: in_process_seconds(model, tokenizer),
         }
         # Untimed: the connection, first-call costs and MLX's first graph of each mode.
@@ -109,7 +119,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in samples.items()}
     figures["overhead_p50_ms"] = median["server_e2e_p50_ms"] - median["in_process_p50_ms"]
     print()
-    write_result("latency", figures)
+    write_result("latency" if not args.url else "latency_peer", figures)
     print(f"total run time {time.perf_counter() - run_started:.1f} s")
 
 

@@ -161,8 +161,11 @@ class Controller:
         if self.ledger.release(lease_id, time.time()) is not None:
             await self._notify()
 
-    async def renew(self, held: dict[str, str]) -> int:
-        """Extend the leases an ingress still uses ({lease id: model id})."""
+    async def renew(self, held: dict[str, str]) -> list[str]:
+        """Extend the leases an ingress still uses ({lease id: model id}); the ones it has
+        lost (expired, released) are returned. After a restart, only once the running
+        replicas' leases are adopted: before, every lease would look lost."""
+        await self._ready.wait()
         return self.ledger.renew(held, time.time())
 
     async def check_replica(self, model_id: str) -> None:

@@ -20,16 +20,16 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.leases import LeaseKeeper
+from deployments.leases import Hold, LeaseKeeper
 from deployments.media import ImagePolicy, ImageRef, load_images
-from deployments.registry import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
+from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
 from dialects.errors import ApiError, anthropic_error_body, error_body, model_not_found, validation_error_to_api_error
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
+from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
 from policies.events import Event, Finish
 from policies.generation import GenerationRequest
-from policies.ledger import Lease
 from policies.memory import parse_size
 from policies.tool_calls import FORMATS
 
@@ -149,7 +149,6 @@ class Ingress:
         capabilities: dict[str, Capabilities],
         controller: DeploymentHandle,
         models: dict[str, DeploymentHandle],
-        stored_responses: DeploymentHandle,
     ):
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
@@ -162,7 +161,7 @@ class Ingress:
         )
         self.controller = controller
         self.models = models
-        self.stored_responses = stored_responses
+        self.stored_responses = ResponseStore(config.responses_dir, config.responses_ttl_seconds, config.responses_max)
         self.leases = LeaseKeeper(
             controller,
             # A request waits for its model's load, and through a controller restart.
@@ -261,14 +260,14 @@ class Ingress:
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(self, response_id: str) -> dict[str, Any]:
-        record = await self.stored_responses.get.remote(response_id)
+        record = await self.stored_responses.get(response_id)
         if record is None:
             raise self._unknown_response(response_id, "response_id")
         return record["response"]
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(self, response_id: str) -> dict[str, Any]:
-        if not await self.stored_responses.delete.remote(response_id):
+        if not await self.stored_responses.delete(response_id):
             raise self._unknown_response(response_id, "response_id")
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -398,7 +397,7 @@ class Ingress:
     async def _stored_chat(self, response_id: str | None) -> list[dict[str, Any]]:
         if response_id is None:
             return []
-        record = await self.stored_responses.get.remote(response_id)
+        record = await self.stored_responses.get(response_id)
         if record is None:
             raise self._unknown_response(response_id, "previous_response_id")
         return record["chat"]
@@ -411,7 +410,7 @@ class Ingress:
             if not store or reply.finished is None:
                 return
             conversation = [m for m in chat if m["role"] != "system"] + responses.turns(events)
-            await self.stored_responses.put.remote(reply.id, {"response": reply.finished, "chat": conversation})
+            await self.stored_responses.put(reply.id, {"response": reply.finished, "chat": conversation})
 
         return keep
 
@@ -521,7 +520,7 @@ class Ingress:
     async def _sse(
         self,
         model_id: str,
-        lease: Lease,
+        lease: Hold,
         first: list[Event],
         batches: AsyncIterator,
         reply: Reply,

@@ -1,8 +1,12 @@
-"""The ingress's side of leases: acquire one per request, renew them while responses run,
-release each exactly once.
+"""The ingress's side of leases.
 
-The controller expires leases that stop being renewed, so whatever happens to this process,
-a model is never held longer than `lease_ttl` by a request that is gone.
+An ingress holds one controller lease per model it is using, shared by its requests to that
+model: the model cannot be evicted while any of them runs, and only the first request (or
+the first after a quiet moment) asks the controller. Each request gets a `Hold` on the shared
+lease, released exactly once; the lease itself goes back to the controller when the last
+hold is gone for `LINGER_SECONDS`. Held leases are renewed while in use; the controller
+expires leases that stop being renewed, so whatever happens to this process a model is never
+held longer than `lease_ttl` by requests that are gone.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import time
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -23,11 +28,37 @@ logger = logging.getLogger("ray.serve")
 
 RELEASE_ATTEMPTS = 3
 CONTROLLER_RETRY_SECONDS = 0.5
+# A lease kept this long after its last request, for the next one: back-to-back requests
+# skip the controller, and a model wanted for a load waits at most this much longer.
+LINGER_SECONDS = 1.0
 
 
 def controller_gone(error: BaseException) -> bool:
     """The controller's replica died or restarts: a retry reaches its successor."""
     return isinstance(error, RayActorError)
+
+
+@dataclass
+class Hold:
+    """One request's use of its model's lease."""
+
+    lease: Lease
+    released: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.lease.id
+
+    @property
+    def model(self) -> str:
+        return self.lease.model
+
+
+@dataclass
+class _Shared:
+    lease: Lease
+    holds: int = 0
+    linger: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 class LeaseKeeper:
@@ -36,41 +67,75 @@ class LeaseKeeper:
         # A request may wait this long for its model, controller restarts included.
         self.acquire_timeout = acquire_timeout
         self.renew_every = lease_ttl / 3
-        self._held: dict[str, Lease] = {}
+        self._shared: dict[str, _Shared] = {}  # by model id
+        self._granting: dict[str, asyncio.Task] = {}  # one acquire per model at a time
         self._renewer: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._loop = asyncio.get_running_loop()
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._shared)
 
-    async def acquire(self, model_id: str) -> Lease:
-        """A lease on the model, once it is loaded.
+    async def acquire(self, model_id: str) -> Hold:
+        """A hold on the model's lease, once the model is loaded.
 
-        If the request is cancelled (client gone) while the grant is on its way, the grant
-        is released when it arrives instead of being lost.
+        If the request is cancelled (client gone) while a grant is on its way, the grant
+        still arrives and is shared or given back, never lost.
         """
-        grant = self._spawn(self._acquire(model_id))
-        try:
-            lease = await asyncio.shield(grant)
-        except asyncio.CancelledError:
-            grant.add_done_callback(self._release_late_grant)
-            raise
-        self._hold(lease)
-        return lease
+        while True:
+            shared = self._shared.get(model_id)
+            if shared is not None:
+                return self._hold(shared)
+            grant = self._granting.get(model_id)
+            if grant is None:
+                grant = self._spawn(self._acquire(model_id))
+                self._granting[model_id] = grant
+                grant.add_done_callback(lambda task: self._granted(model_id, task))
+            await asyncio.shield(grant)
 
-    def release(self, lease: Lease) -> None:
-        """End the lease (once: later calls do nothing) without making the caller wait."""
-        if self._held.pop(lease.id, None) is not None:
-            self._spawn(self._send_release(lease))
+    def release(self, hold: Hold) -> None:
+        """End one request's hold (once: later calls do nothing) without making it wait."""
+        if hold.released:
+            return
+        hold.released = True
+        shared = self._shared.get(hold.model)
+        if shared is None or shared.lease.id != hold.id:
+            return  # the controller had expired that lease: nothing left to give back
+        shared.holds -= 1
+        if shared.holds == 0:
+            shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
 
-    def release_when_collected(self, owner: Any, lease: Lease) -> None:
-        """Release the lease when `owner` is garbage: a response body that never ran its
-        `finally` (the client left before the body started) still gives its lease back."""
-        weakref.finalize(owner, self._loop.call_soon_threadsafe, self.release, lease)
+    def release_when_collected(self, owner: Any, hold: Hold) -> None:
+        """Release the hold when `owner` is garbage: a response body that never ran its
+        `finally` (the client left before the body started) still gives its hold back."""
+        weakref.finalize(owner, self._loop.call_soon_threadsafe, self.release, hold)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _hold(self, shared: _Shared) -> Hold:
+        if shared.linger is not None:
+            shared.linger.cancel()
+            shared.linger = None
+        shared.holds += 1
+        return Hold(shared.lease)
+
+    def _granted(self, model_id: str, task: asyncio.Task) -> None:
+        self._granting.pop(model_id, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        shared = _Shared(task.result())
+        self._shared[model_id] = shared
+        # Until a waiting request takes a hold, the lease lingers like an idle one.
+        shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = self._spawn(self._renew_while_held())
+
+    def _give_back(self, shared: _Shared) -> None:
+        if shared.holds or self._shared.get(shared.lease.model) is not shared:
+            return
+        del self._shared[shared.lease.model]
+        self._spawn(self._send_release(shared.lease))
 
     async def _acquire(self, model_id: str) -> Lease:
         deadline = time.monotonic() + self.acquire_timeout
@@ -78,38 +143,37 @@ class LeaseKeeper:
             try:
                 return await self.controller.acquire.remote(model_id)
             except Exception as error:
-                if not controller_gone(error) or time.monotonic() > deadline:
-                    if controller_gone(error):
-                        raise ApiError(
-                            503,
-                            "The fleet controller is restarting; retry in a few seconds",
-                            "controller_unavailable",
-                            code="controller_unavailable",
-                            headers={"retry-after": "2"},
-                        ) from None
+                if not controller_gone(error):
                     raise
+                if time.monotonic() > deadline:
+                    raise ApiError(
+                        503,
+                        "The fleet controller is restarting; retry in a few seconds",
+                        "controller_unavailable",
+                        code="controller_unavailable",
+                        headers={"retry-after": "2"},
+                    ) from None
                 logger.warning("controller gone while acquiring model %s; retrying", model_id)
                 await asyncio.sleep(CONTROLLER_RETRY_SECONDS)
 
-    def _release_late_grant(self, grant: asyncio.Task) -> None:
-        if not grant.cancelled() and grant.exception() is None:
-            self._spawn(self._send_release(grant.result()))
-
-    def _hold(self, lease: Lease) -> None:
-        self._held[lease.id] = lease
-        if self._renewer is None or self._renewer.done():
-            self._renewer = self._spawn(self._renew_while_held())
-
     async def _renew_while_held(self) -> None:
-        while self._held:
+        while self._shared:
             await asyncio.sleep(self.renew_every)
-            held = {lease.id: lease.model for lease in self._held.values()}
+            held = {s.lease.id: model for model, s in self._shared.items()}
             if not held:
                 return
             try:
-                await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
+                lost = await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
             except Exception as error:  # the next round tries again; expiry is far away
                 logger.warning("renewing %d lease(s) failed: %r", len(held), error)
+                continue
+            for lease_id in lost:
+                # The controller no longer knows it (expired while it was unreachable): the
+                # next request asks for a new one.
+                model = held[lease_id]
+                if self._shared.get(model) is not None and self._shared[model].lease.id == lease_id:
+                    logger.warning("lease %s on model %s was lost; taking a new one", lease_id, model)
+                    del self._shared[model]
 
     async def _send_release(self, lease: Lease) -> None:
         for attempt in range(RELEASE_ATTEMPTS):

@@ -13,24 +13,9 @@ from ray.serve import Deployment
 from deployments.embeddings import EmbeddingsModel
 from deployments.text import TextModel
 from deployments.vision import VisionModel
+from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.detection import EMBEDDINGS as EMBEDDINGS_TYPE
 from policies.detection import TEXT, VISION
-
-CHAT = "chat/completions"
-COMPLETIONS = "completions"
-EMBEDDINGS = "embeddings"
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    endpoints: frozenset[str]  # the /v1/... routes this type answers
-    accepts_images: bool = False
-    # What this type's server does with chat requests; tools also need a model whose
-    # template renders them (ModelEntry.tool_format).
-    tools: bool = False
-    structured_output: bool = False
-    logprobs: bool = False
-
 
 @dataclass(frozen=True)
 class ModelKind:

@@ -13,7 +13,6 @@ from policies.memory import parse_limit, parse_size
 # Names of the application's own deployments; a model id may not take them.
 INGRESS_NAME = "fleet-ingress"
 CONTROLLER_NAME = "fleet-controller"
-RESPONSES_NAME = "fleet-responses"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -132,6 +131,9 @@ class AppConfig(BaseModel):
     request_body_timeout: Duration = Field(
         default="30s", description="Time a client has to send the whole request body."
     )
+    responses_dir: str = Field(
+        default="~/.cache/mlx-fleet/responses", description="Where stored Responses API answers are kept."
+    )
     responses_ttl: Duration = Field(
         default="1h", description="How long a stored Responses API answer can be continued or fetched."
     )
@@ -152,7 +154,7 @@ class AppConfig(BaseModel):
         seen: dict[str, str] = {}
         for spec in self.models:
             name = deployment_name(spec.id)
-            if name in (INGRESS_NAME, CONTROLLER_NAME, RESPONSES_NAME):
+            if name in (INGRESS_NAME, CONTROLLER_NAME):
                 raise ValueError(f"model id {spec.id!r} is reserved; choose another id")
             if name in seen:
                 raise ValueError(

@@ -184,7 +184,8 @@ class Ledger:
                 self.limit,
                 available,
             )
-            return decision if isinstance(eventually, Insufficient) else Wait(decision.message)
+            # What cannot fit is refused with the room left once every unpinned model is gone.
+            return eventually if isinstance(eventually, Insufficient) else Wait(decision.message)
         for victim in decision.victims:
             self._move(self.models[victim], Status.UNLOADING, f"evicted to fit {model_id}")
         evicted = f" after evicting {', '.join(decision.victims)}" if decision.victims else ""
@@ -281,27 +282,28 @@ class Ledger:
         self._add_lease(lease, now)
         return lease
 
-    def renew(self, held: dict[str, str], now: float) -> int:
-        """Extend leases their holder still uses ({lease id: model id}); returns how many.
+    def renew(self, held: dict[str, str], now: float) -> list[str]:
+        """Extend leases their holder still uses ({lease id: model id}); returns the ones it
+        could not, which their holder must stop counting on.
 
         A lease this ledger does not know (granted before a controller restart, before its
         request reached the replica) comes back if its model is loaded and it was never
-        released here.
+        released or expired here.
         """
-        renewed = 0
+        lost = []
         for lease_id, model_id in held.items():
             record = self._leases.get(lease_id)
             if record is not None:
                 record.expires_at = now + self.lease_ttl
-                renewed += 1
             elif (
                 lease_id not in self._released
                 and model_id in self.models
                 and self.models[model_id].status == Status.LOADED
             ):
                 self._add_lease(Lease(lease_id, model_id, self.lease_ttl), now)
-                renewed += 1
-        return renewed
+            else:
+                lost.append(lease_id)
+        return lost
 
     def release(self, lease_id: str, now: float) -> Lease | None:
         """End a lease; None if it had already ended (releasing twice is harmless)."""

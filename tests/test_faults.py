@@ -392,8 +392,9 @@ def test_a_burst_over_the_budget_is_served_in_turn(faults):
     assert [r.status_code for r in responses] == [200] * len(requests), [r.text for r in responses if r.status_code != 200]
     view = admin(faults)
     assert view["used_bytes"] <= view["memory_limit_bytes"]
-    assert leases_left(faults) == 0
     assert sum(m["evictions"] for m in view["models"]) >= 2
+    # The ingress keeps each lease a moment for a next request (LINGER_SECONDS), then no more.
+    wait_for(lambda: leases_left(faults) == 0, "no lease left after the burst", timeout=5)
 
 
 def test_unload_with_a_live_stream_waits_then_answers(faults):

@@ -154,7 +154,7 @@ def test_only_what_cannot_fit_without_every_unpinned_model_is_refused():
     load(book, "p")
     load(book, "a")
     book.grant("a", now=1)
-    assert book.admit("huge", PLENTY) == Insufficient(need=10 * GB, available=GB)
+    assert book.admit("huge", PLENTY) == Insufficient(need=10 * GB, available=2 * GB)  # a would go
     assert book["huge"].status == Status.UNLOADED
 
 
@@ -188,7 +188,7 @@ def test_leases_expire_unless_renewed():
     load(book, "a")
     kept, lost = book.grant("a", now=0), book.grant("a", now=0)
     assert book.next_lease_expiry() == 10
-    assert book.renew({kept.id: "a"}, now=8) == 1
+    assert book.renew({kept.id: "a"}, now=8) == []
     assert book.expire_leases(now=9.9) == []
     assert book.expire_leases(now=10) == [lost]
     assert book["a"].leases == {kept.id}
@@ -200,13 +200,13 @@ def test_renewal_brings_back_unknown_leases_but_never_released_ones():
     book = ledger(entry("a"), entry("b"), ttl=10)
     load(book, "a")
     # Granted by a controller that died before the request reached its replica.
-    assert book.renew({"granted-before-restart": "a"}, now=1) == 1
+    assert book.renew({"granted-before-restart": "a"}, now=1) == []
     assert book["a"].leases == {"granted-before-restart"}
     released = book.grant("a", now=1)
     book.release(released.id, now=2)
-    assert book.renew({released.id: "a"}, now=3) == 0  # the release won the race
-    assert book.renew({"x": "b"}, now=3) == 0  # b is not loaded
-    assert book.renew({"y": "nope"}, now=3) == 0
+    assert book.renew({released.id: "a"}, now=3) == [released.id]  # the release won the race
+    assert book.renew({"x": "b"}, now=3) == ["x"]  # b is not loaded
+    assert book.renew({"y": "nope"}, now=3) == ["y"]
     assert book["a"].leases == {"granted-before-restart"}
 
 
@@ -332,3 +332,10 @@ def test_a_model_without_a_known_size_is_not_admitted():
     assert isinstance(book.admit("hub", PLENTY), Unsized)
     assert book["hub"].status == Status.UNLOADED and book.used() == 0
     assert book.admit("sized", PLENTY) == Evict(())
+
+
+def test_a_refusal_counts_the_room_busy_models_would_leave():
+    book = ledger(entry("a"), entry("huge", memory=10 * GB), limit=3 * GB)
+    load(book, "a")
+    book.grant("a", now=1)  # busy now, evictable later: its room counts
+    assert book.admit("huge", PLENTY) == Insufficient(need=10 * GB, available=3 * GB)

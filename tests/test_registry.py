@@ -13,7 +13,8 @@ from ray import serve
 
 from policies.generation import GenerationRequest
 from policies.events import Content, Finish
-from deployments.registry import CHAT, MODEL_KINDS, Capabilities, ModelKind
+from deployments.registry import MODEL_KINDS, ModelKind
+from policies.capabilities import CHAT, Capabilities
 from graph import build_application
 
 

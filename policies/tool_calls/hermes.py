@@ -6,15 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from llguidance import LLTokenizer
-from mlx_lm.tool_parsers import json_tools
-
 from policies.events import ToolCall
 from policies.tool_calls import ToolFormat, calls_grammar, literal, marker, tool_calls
 
-START, END = json_tools.tool_call_start, json_tools.tool_call_end
+# mlx-lm's markers (tests check they agree); its parser is imported where calls are parsed,
+# in the model server: importing mlx-lm costs the ingress 0.7 s and its transformers.
+START, END = "<tool_call>", "</tool_call>"
 
 
 def parse(text: str) -> list[ToolCall]:
+    from mlx_lm.tool_parsers import json_tools
+
     return tool_calls(json_tools.parse_tool_call(text))
 
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from llguidance import LLTokenizer
-from mlx_lm.tool_parsers import mistral
-
 from policies.events import ToolCall
 from policies.tool_calls import ToolFormat, calls_grammar, literal, marker, tool_calls
 
-START = mistral.tool_call_start
+# mlx-lm's marker (tests check it agrees); its parser is imported where calls are parsed.
+START = "[TOOL_CALLS]"
 
 
 def parse(text: str) -> list[ToolCall]:
+    from mlx_lm.tool_parsers import mistral
+
     return tool_calls(mistral.parse_tool_call(text))
 
 
@@ -27,4 +28,4 @@ def grammar(
     return calls_grammar(start, tools, name, "arguments")
 
 
-FORMAT = ToolFormat(name="mistral", start=START, end=mistral.tool_call_end, parse=parse, grammar=grammar)
+FORMAT = ToolFormat(name="mistral", start=START, end="", parse=parse, grammar=grammar)
