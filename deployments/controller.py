@@ -27,7 +27,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.model_server import ReplicaState
 from dialects.errors import ApiError, model_not_found
-from deployments.scaler import ReplicaScaler
+from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.eviction import Insufficient
 from policies.ledger import Lease, Ledger, ModelRecord, Status, Unsized, Wait
@@ -102,8 +102,6 @@ def load_failed(model_id: str, reason: str) -> ApiError:
     # Callers wait here while a model loads: never make them queue behind each other.
     max_ongoing_requests=100_000,
     ray_actor_options={"num_cpus": 0},
-    # A dead controller is noticed (and replaced, adopting real state) within seconds.
-    health_check_period_s=2,
 )
 class Controller:
     def __init__(
@@ -280,8 +278,10 @@ class Controller:
                 raise load_failed(model_id, f"could not unload {failed} to make room")
         # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
         try:
-            await self.scaler.scale_and_wait(record.entry.deployment, 1)
-            report = await self.models[model_id].load.remote()
+            await self.scaler.scale(record.entry.deployment, 1)
+            # The call waits in Serve's router until the replica can take it: no polling for
+            # the replica to run, the load starts the moment it does.
+            report = await asyncio.wait_for(self.models[model_id].load.remote(), SCALE_TIMEOUT_SECONDS)
         except Exception as error:
             cause = getattr(error, "cause", None) or error
             reason = f"{type(cause).__name__}: {cause}"

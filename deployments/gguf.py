@@ -93,7 +93,7 @@ def convert(source: Path, out: Path, dequantize: bool = False) -> None:
     """Write an mlx-lm model folder for the GGUF file `source` into `out`."""
     import mlx.core as mx
 
-    metadata = read_gguf_metadata(source)
+    metadata = read_gguf_metadata(source, arrays=True)
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED:
         raise GGUFError(

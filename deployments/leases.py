@@ -29,8 +29,8 @@ logger = logging.getLogger("ray.serve")
 RELEASE_ATTEMPTS = 3
 CONTROLLER_RETRY_SECONDS = 0.5
 # A lease kept this long after its last request, for the next one: back-to-back requests
-# skip the controller, and a model wanted for a load waits at most this much longer.
-LINGER_SECONDS = 1.0
+# skip the controller, and an eviction of the model waits at most this much longer.
+LINGER_SECONDS = 0.25
 
 
 def controller_gone(error: BaseException) -> bool:

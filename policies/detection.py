@@ -180,15 +180,57 @@ def gguf_file(path: str | Path) -> Path | None:
     return None
 
 
-def read_gguf_metadata(path: str | Path) -> dict:
-    """A GGUF file's metadata (its header, not its tensors): scalars, strings and lists."""
-    from gguf import GGUFReader
+# GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
-    metadata = {}
-    for name, field in GGUFReader(str(path)).fields.items():
-        if not name.startswith("GGUF."):
-            metadata[name] = field.contents()
-    return metadata
+
+def read_gguf_metadata(path: str | Path, arrays: bool = False) -> dict:
+    """A GGUF file's metadata from its header (not its tensors): scalars and strings, and,
+    with `arrays`, the arrays too (a tokenizer's 50k tokens take seconds to decode; what
+    the server decides at start needs none of them, so they are skipped unread)."""
+    import struct
+
+    with open(path, "rb") as file:
+
+        def take(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            chunk = file.read(size)
+            if len(chunk) < size:
+                raise ValueError(f"{path}: the GGUF header ends early (truncated file?)")
+            return struct.unpack("<" + fmt, chunk)[0]
+
+        def text() -> str:
+            return file.read(take("Q")).decode("utf-8", "replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return take(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return text()
+            if kind != _GGUF_ARRAY:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+            item, count = take("I"), take("Q")
+            if arrays:
+                return [value(item) for _ in range(count)]
+            if item == _GGUF_STRING:
+                for _ in range(count):
+                    file.seek(take("Q"), 1)
+            else:
+                file.seek(struct.calcsize("<" + _GGUF_SCALARS[item]) * count, 1)
+            return None
+
+        if file.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        take("I")  # version
+        take("Q")  # tensors
+        metadata = {}
+        for _ in range(take("Q")):
+            key = text()
+            found = value(take("I"))
+            if found is not None:
+                metadata[key] = found
+        return metadata
 
 
 def detect_from_gguf(path: Path) -> Detection:

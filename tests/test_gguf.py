@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from deployments.gguf import GGUFError, converted_model_dir
 from graph import ConfigError, build_catalog, load_config
-from policies.detection import detect
+from policies.detection import detect, read_gguf_metadata
 from tests.gguf_files import write_gguf
 
 TEXT = "The quick brown fox jumps over the lazy dog. 1234 <|im_start|>"
@@ -170,3 +170,18 @@ def test_detection_reads_the_gguf_architecture(sources, tmp_path):
     config = load_config({"models": [{"id": "q", "path": str(folder)}]})
     with pytest.raises(ConfigError, match="several GGUF files"):
         build_catalog(config)
+
+
+def test_the_header_reader_agrees_with_gguf_and_refuses_truncated_files(sources, tmp_path):
+    from gguf import GGUFReader
+
+    gguf = tmp_path / "model.gguf"
+    write_gguf(sources["llama"], gguf, "llama")
+    reference = {n: f.contents() for n, f in GGUFReader(str(gguf)).fields.items() if not n.startswith("GGUF.")}
+    assert read_gguf_metadata(gguf, arrays=True) == reference
+    # Without arrays, the tokenizer's lists are skipped and everything else still read.
+    assert read_gguf_metadata(gguf) == {k: v for k, v in reference.items() if not isinstance(v, list)}
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(gguf.read_bytes()[:200])
+    with pytest.raises(ValueError, match="ends early"):
+        read_gguf_metadata(truncated)
