@@ -96,6 +96,10 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 f"model {spec.id!r} is a {model_type} model ({found.reason}), which this server "
                 f"cannot serve; set `type:` to one of: {', '.join(kinds)}"
             )
+        features = asdict(text_features(path)) if model_type == TEXT else {}
+        if spec.max_context is not None:
+            known = features.get("context_length")
+            features["context_length"] = min(spec.max_context, known) if known else spec.max_context
         catalog.append(
             ModelEntry(
                 id=spec.id,
@@ -108,7 +112,8 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 architecture=found.architecture,
                 reason="set in config" if spec.type and spec.family else found.reason,
                 idle_ttl=_idle_ttl(spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl),
-                **(asdict(text_features(path)) if model_type == TEXT else {}),
+                max_context=spec.max_context,
+                **features,
             )
         )
     return catalog

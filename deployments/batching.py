@@ -80,6 +80,9 @@ class BatchEngine:
             LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes else None
         )
         self._lock = threading.Lock()
+        # The cache is read and filled on the MLX thread and shrunk from others (to make room
+        # for a new sequence's KV while a batch runs).
+        self._cache_lock = threading.Lock()
         self._incoming: deque[Sequence] = deque()
         self._running = False
 
@@ -89,6 +92,15 @@ class BatchEngine:
             start, self._running = not self._running, True
         if start:
             self.executor.submit(self._run)
+
+    def prompt_cache_bytes(self) -> int:
+        return self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+
+    def shrink_prompt_cache(self, max_bytes: int) -> None:
+        """Drop the least recently used cached prompts until at most `max_bytes` remain."""
+        if self.prompt_cache is not None:
+            with self._cache_lock:
+                self.prompt_cache.trim_to(n_bytes=max_bytes)
 
     # -- MLX thread -----------------------------------------------------------------------
 
@@ -200,7 +212,8 @@ class BatchEngine:
         if response.finish_reason:
             detokenizer.finalize()
             if self.prompt_cache is not None:
-                self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
+                with self._cache_lock:
+                    self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
         counted = 0 if response.finish_reason == "stop" else 1
         sequence.step(
             detokenizer.last_segment, counted, response.finish_reason, self._logprob(sequence, response, counted)
@@ -217,7 +230,8 @@ class BatchEngine:
             return None, prompt
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        cache, rest = self.prompt_cache.fetch_nearest_cache(None, prompt)
+        with self._cache_lock:
+            cache, rest = self.prompt_cache.fetch_nearest_cache(None, prompt)
         if cache is not None and not rest:
             # The whole prompt is cached, but generation needs one token to read: re-read
             # the last one.

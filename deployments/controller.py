@@ -16,6 +16,7 @@ weights are adopted with the leases their replicas are serving, starting ones fi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -63,6 +64,12 @@ def _metrics() -> dict[str, Any]:
     return {
         "loaded": Gauge("fleet_models_loaded", "Models with weights in memory."),
         "model_bytes": Gauge("fleet_model_bytes", "Bytes the ledger charges a loaded model.", model),
+        "prompt_cache_bytes": Gauge(
+            "fleet_model_prompt_cache_bytes", "Bytes of a text model's cached prompts.", model
+        ),
+        "kv_bytes": Gauge(
+            "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", model
+        ),
         "budget": Gauge("fleet_memory_budget_bytes", "The memory limit models share."),
         "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models."),
         "loads": Counter("fleet_model_loads_total", "Model loads.", model),
@@ -165,6 +172,57 @@ class Controller:
         replicas' leases are adopted: before, every lease would look lost."""
         await self._ready.wait()
         return self.ledger.renew(held, time.time())
+
+    async def hold(
+        self,
+        model_id: str,
+        held: int,
+        patience: float,
+        final: bool = False,
+        evict: bool = True,
+        alone: int | None = None,
+    ) -> int | None:
+        """A loaded model's replica asks to hold `held` bytes beyond its process: KV for
+        the sequences it is about to run, and its prompt cache. Granted at once if it fits,
+        else after evicting idle models; while busy models stand in the way, waits up to
+        `patience` seconds and returns None (the replica asks again with what it needs by
+        then: its own sequences may have ended; `alone` is what it would need once they
+        have). Without `evict`, only what fits as things
+        are is granted. 503 insufficient_memory when it cannot fit even once everything else
+        is idle, or, `final`, when waiting ran out."""
+        record = self._record(model_id)
+        await self._ready.wait()
+        deadline = time.monotonic() + patience
+        while True:
+            before = record.held
+            decision = self.ledger.hold(model_id, held, psutil.virtual_memory().available, evict, alone)
+            if isinstance(decision, Insufficient):
+                self._refuse(model_id, f"{decision.message} (for the KV cache of a request)", retry=True)
+            if isinstance(decision, Wait):
+                if final:
+                    self._refuse(
+                        model_id,
+                        f"{decision.message} (for the KV cache of a request): the models in the way "
+                        f"were still busy after {self.config.load_wait_seconds:.0f} s",
+                        retry=True,
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                await self._wait_for_change(remaining)
+                continue
+            if decision.victims:
+                logger.info(
+                    "evicting %s (least recently used, idle) for the KV cache of model %s (%s)",
+                    ", ".join(decision.victims), model_id, format_gb(held - before),
+                )
+                failed = await self._evict_all(decision.victims, "lru")
+                if failed:
+                    self._refuse(model_id, f"could not unload {failed} to make room", retry=True)
+                continue  # their room is free now: claim it
+            if held != before:
+                await self._notify()
+            return held
 
     async def check_replica(self, model_id: str) -> None:
         """An ingress saw this model's replica fail: check it now rather than at the next round."""
@@ -291,6 +349,8 @@ class Controller:
             raise load_failed(model_id, reason) from None
         seconds = time.perf_counter() - started
         self.ledger.finish_load(model_id, report.measured(), time.time())
+        if report.usage is not None:
+            self.ledger.report_usage(model_id, report.usage)
         self.metrics["loads"].inc(tags={"model": model_id})
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
         logger.info(
@@ -442,6 +502,9 @@ class Controller:
         record = self.ledger[model_id]
         if state is None or record.status != Status.LOADED:
             return  # no answer yet (a replica restarting answers later), or nothing to do
+        if state.usage is not None:
+            self.ledger.report_usage(model_id, state.usage)
+            self._update_gauges()
         if state.weights == "loaded":
             known = record.measured.replica if record.measured else None
             if state.report.replica != known:
@@ -492,6 +555,8 @@ class Controller:
                 status = Status.LOADED if state.weights == "loaded" else Status.LOADING
                 measured = state.report.measured() if state.report else None
                 self.ledger.adopt(record.id, status, measured, state.leases, now)
+                if state.usage is not None:
+                    self.ledger.report_usage(record.id, state.usage)
             elif starting and not replicas_running:
                 # A previous controller was starting this model for a request: finish the load.
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now)
@@ -571,7 +636,9 @@ class Controller:
     # -- accounting -----------------------------------------------------------------------------
 
     def _spawn(self, work: Awaitable[Any], log: bool = True) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(work)
+        # A fresh context: the work outlives the request that started it, and Serve cancels
+        # the calls a request makes (a load waiting for its replica) when that request is.
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         if log:
             task.add_done_callback(_log_failure)
         return task
@@ -589,7 +656,10 @@ class Controller:
         self.metrics["used"].set(self.ledger.used())
         self.metrics["loaded"].set(sum(r.status == Status.LOADED for r in models))
         for r in models:
-            self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags={"model": r.id})
+            tags = {"model": r.id}
+            self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags=tags)
+            self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
+            self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
 
     async def _notify(self) -> None:
         self._update_gauges()

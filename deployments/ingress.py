@@ -24,7 +24,14 @@ from deployments.leases import Hold, LeaseKeeper
 from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
-from dialects.errors import ApiError, anthropic_error_body, error_body, model_not_found, validation_error_to_api_error
+from dialects.errors import (
+    ApiError,
+    anthropic_error_body,
+    error_body,
+    find_api_error,
+    model_not_found,
+    validation_error_to_api_error,
+)
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
@@ -52,15 +59,6 @@ class Reply(Protocol):
     def batch(self, events: list[Event]) -> list[str]: ...
     def failure(self, error: ApiError) -> list[str]: ...
     def closing(self) -> list[str]: ...
-
-
-def find_api_error(error: BaseException) -> ApiError | None:
-    """The ApiError behind an exception, also when Ray wrapped it on its way from a replica."""
-    while error is not None:
-        if isinstance(error, ApiError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
 
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:

@@ -22,6 +22,7 @@ import psutil
 from ray import serve
 
 from policies.config import AppConfig, ModelEntry
+from policies.kv import Usage
 from policies.ledger import Measured
 
 logger = logging.getLogger("ray.serve")
@@ -34,18 +35,17 @@ class LoadReport:
     weights_bytes: int  # MLX memory the weights took (active-memory delta)
     process_bytes: int  # resident memory of the whole replica process after load
     process_before_bytes: int  # the same before loading
-    reserved_bytes: int = 0  # what the server may still grow into (its prompt cache budget)
     replica: str = ""  # the replica that loaded it
+    usage: Usage | None = None  # what a text model holds beyond its process, right after load
 
     @property
     def bytes(self) -> int:
-        """What the model costs: its process, weights included, and what it may grow into.
+        """What the loaded model costs before any request: its process, weights included.
 
         On the CPU backend the weights are in the process's resident memory; Metal buffers
         may not be, so the weights are also added to the process size before loading.
         """
-        measured = max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
-        return measured + self.reserved_bytes
+        return max(self.process_bytes, self.process_before_bytes + self.weights_bytes)
 
     def measured(self) -> Measured:
         return Measured(self.bytes, self.weights_bytes, self.process_bytes, self.replica)
@@ -58,6 +58,7 @@ class ReplicaState:
     weights: Literal["none", "loading", "loaded"]
     report: LoadReport | None
     leases: list[str]  # leases of the requests this replica is serving now
+    usage: Usage | None = None  # what a text model holds beyond its process
 
 
 class ModelServer:
@@ -77,7 +78,7 @@ class ModelServer:
         self._load_lock = asyncio.Lock()
         self._report: LoadReport | None = None
         self._leases: Counter[str] = Counter()
-        self.reserved_bytes = 0
+        self._process_start_bytes = psutil.Process().memory_info().rss
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -102,7 +103,18 @@ class ModelServer:
             weights = "loaded"
         else:
             weights = "loading" if self._load_lock.locked() else "none"
-        return ReplicaState(weights, self._report, list(self._leases))
+        return ReplicaState(weights, self._report, list(self._leases), self.usage())
+
+    def usage(self) -> Usage | None:
+        return None
+
+    def resident_bytes(self) -> int:
+        """The process's memory now: resident pages, or on Metal, what MLX holds on top of
+        the process as it started (GPU buffers may not count as resident)."""
+        import mlx.core as mx
+
+        mlx_bytes = mx.get_active_memory() + mx.get_cache_memory()
+        return max(psutil.Process().memory_info().rss, self._process_start_bytes + mlx_bytes)
 
     @asynccontextmanager
     async def serving(self, lease_id: str) -> AsyncIterator[None]:
@@ -189,6 +201,6 @@ class ModelServer:
             weights_bytes=max(0, mx.get_active_memory() - before),
             process_bytes=process.memory_info().rss,
             process_before_bytes=rss_before,
-            reserved_bytes=self.reserved_bytes,
             replica=self.replica,
+            usage=self.usage(),
         )

@@ -12,12 +12,14 @@ from ray import serve
 from deployments.batching import BatchEngine, Sequence, Step
 from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
+from deployments.kv_hold import KvHold
 from deployments.model_server import ModelServer
-from dialects.errors import ApiError
+from dialects.errors import ApiError, find_api_error
 from policies.generation import GenerationRequest, Sampling
-from policies.config import AppConfig, ModelEntry
+from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
 from policies.events import Content, Event, Finish, Logprobs, ToolCall, merged
+from policies.kv import KvShape, Usage
 from policies.families import FamilyAdapter, adapter_for, render_chat, stop_tokens
 from policies.output_parser import OutputParser
 from policies.stop_strings import StopMatcher
@@ -72,6 +74,26 @@ def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]
             return
 
 
+def measure_kv_shape(model) -> KvShape:
+    """What one more token adds to each layer's cache, measured on the model's own caches
+    (MLX thread): every family, dtype and cache type sized by what mlx-lm allocates.
+
+    Keys and values (quantized ones too) are laid out (..., tokens, dim); caches without
+    them (recurrent state) do not grow with tokens."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[0]]), cache=cache))
+    layers = []
+    for layer in cache:
+        arrays = [a for _, a in tree_flatten([getattr(layer, "keys", None), getattr(layer, "values", None)])]
+        per_token = sum(a.nbytes // a.shape[-2] for a in arrays if isinstance(a, mx.array) and a.ndim >= 2)
+        layers.append((per_token, getattr(layer, "max_size", None)))
+    return KvShape(tuple(layers))
+
+
 def make_sampler(adapter: FamilyAdapter, sampling: Sampling) -> Callable:
     """mlx-lm's sampler for a request; the family's defaults fill what the client left out.
 
@@ -124,7 +146,16 @@ class TextModel(GenerativeServer):
         self.tokenizer = None
         self.engine: BatchEngine | None = None
         self.context_length: int | None = None
-        self.prompt_cache_bytes = self.reserved_bytes = config.prompt_cache_bytes
+        self.kv_shape: KvShape | None = None
+        # A `memory:` override is the model's whole cost: nothing to hold on top of it.
+        self.kv = None if entry.memory_bytes is not None else KvHold(
+            self._ask_controller,
+            self._prompt_cache_bytes,
+            self._shrink_prompt_cache,
+            self._free_unused,
+            config.load_wait_seconds,
+        )
+        self.prompt_cache_bytes = config.prompt_cache_bytes
         self.gguf_cache_dir = config.gguf_cache_dir
         self.gguf_dequantize = config.gguf_dequantize
         self.grammar_tokenizer: GrammarTokenizer | None = None
@@ -139,12 +170,24 @@ class TextModel(GenerativeServer):
         # Templates, tokenizers and grammar compilation are plain Python or Rust over the
         # whole request: not on the event loop.
         prompt, in_reasoning = await asyncio.to_thread(self._prompt_tokens, job)
+        max_tokens = self._max_tokens(job.sampling.max_tokens, len(prompt))
+        if self.kv is None:
+            async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
+                yield batch
+            return
+        async with self.kv.reserve(self.kv_shape.bytes_for(len(prompt) + max_tokens)):
+            async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
+                yield batch
+
+    async def _generate(
+        self, job: GenerationRequest, prompt: list[int], max_tokens: int, in_reasoning: bool
+    ) -> AsyncIterator[list[Event]]:
         mask = await asyncio.to_thread(self._grammar_mask, job.constraint) if job.constraint else None
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         sequence = Sequence(
             prompt=prompt,
-            max_tokens=self._max_tokens(job.sampling.max_tokens, len(prompt)),
+            max_tokens=max_tokens,
             sampling=job.sampling,
             emit=lambda item: loop.call_soon_threadsafe(steps.put_nowait, item),
             processors=[mask] if mask else [],
@@ -173,6 +216,43 @@ class TextModel(GenerativeServer):
         finally:
             sequence.cancelled = True  # the engine drops it from the batch, if still there
 
+    def usage(self) -> Usage | None:
+        if self.kv is None or self.engine is None:
+            return None
+        # Measured only while nothing runs: then the process holds just the prompt cache.
+        idle = not self.kv.sequences
+        process = self.resident_bytes() - self._prompt_cache_bytes() if idle else None
+        return self.kv.usage(process, self.kv_shape.bytes_per_token)
+
+    async def _ask_controller(
+        self, held: int, patience: float, final: bool, evict: bool, alone: int
+    ) -> int | None:
+        controller = serve.get_deployment_handle(CONTROLLER_NAME, serve.get_replica_context().app_name)
+        try:
+            return await controller.hold.remote(self.entry.id, held, patience, final, evict, alone)
+        except Exception as error:
+            if find_api_error(error) is not None:
+                raise
+            raise ApiError(
+                503,
+                f"The memory controller did not answer ({type(error).__name__}); retry shortly",
+                "controller_unavailable",
+                code="controller_unavailable",
+                headers={"retry-after": "2"},
+            ) from None
+
+    def _prompt_cache_bytes(self) -> int:
+        return self.engine.prompt_cache_bytes() if self.engine is not None else 0
+
+    async def _shrink_prompt_cache(self, max_bytes: int) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shrink_prompt_cache, max_bytes)
+
+    async def _free_unused(self) -> None:
+        import mlx.core as mx
+
+        await self.run_mlx(mx.clear_cache)
+
     def _output_parser(self, job: GenerationRequest, in_reasoning: bool) -> OutputParser:
         # Without tools offered nothing is a call (a Llama answer opening with "{" is text).
         tool_format = self._tool_format if job.tools else None
@@ -192,7 +272,8 @@ class TextModel(GenerativeServer):
         if gguf is not None:
             path = str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
         self.model, self.tokenizer, model_config = load(path, return_config=True)
-        self.context_length = model_config.get("max_position_embeddings")
+        limits = [model_config.get("max_position_embeddings"), self.entry.max_context]
+        self.context_length = min((n for n in limits if n), default=None)
         # Templates end a turn with a token the tokenizer may not list as EOS (<|eot_id|>,
         # <end_of_turn>): without it generation runs past the answer until max_tokens.
         vocab = self.tokenizer.get_vocab()
@@ -206,6 +287,7 @@ class TextModel(GenerativeServer):
             partial(make_sampler, self.adapter),
             prompt_cache_bytes=self.prompt_cache_bytes,
         )
+        self.kv_shape = measure_kv_shape(self.model)
 
     # -- prompt ---------------------------------------------------------------------------
 

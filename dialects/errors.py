@@ -42,6 +42,15 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def find_api_error(error: BaseException) -> ApiError | None:
+    """The ApiError behind an exception, also when Ray wrapped it on its way from a replica."""
+    while error is not None:
+        if isinstance(error, ApiError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
 def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:

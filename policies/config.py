@@ -60,6 +60,12 @@ class ModelSpec(BaseModel):
     idle_ttl: Duration | None = Field(
         default=None, description="Unload this model after this long unused (overrides idle_ttl)."
     )
+    max_context: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens of prompt plus completion this model accepts, below its own "
+        "context length: bounds the KV memory one request can claim.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -209,4 +215,5 @@ class ModelEntry:
     idle_ttl: float | None = None
     tool_format: str | None = None  # text models: the tool-call format their template renders
     think: tuple[str, str] | None = None  # text models: the markers around their reasoning
-    context_length: int | None = None
+    context_length: int | None = None  # the model's, capped by `max_context`
+    max_context: int | None = None

@@ -9,6 +9,8 @@ Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment o
   released lease cannot come back through a late renewal.
 - Loads are admitted by `admit`: evict least recently used idle models, wait for busy or
   loading ones, or refuse what cannot fit even when everything unpinned is gone.
+- A loaded text model also holds what its replica was granted by `hold` for the KV of the
+  sequences it runs and for its prompt cache; growth is admitted like a load.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from policies.config import ModelEntry
 from policies.eviction import Evict, Insufficient, Resident, headroom, plan
+from policies.kv import Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +62,7 @@ class LedgerError(RuntimeError):
 class Measured:
     """What a replica measured after loading its model."""
 
-    bytes: int  # the whole cost: process, weights and what it may grow into
+    bytes: int  # the process with its weights, before any request
     weights_bytes: int
     process_bytes: int
     replica: str = ""  # which replica measured it: a different one means it was replaced
@@ -103,6 +106,8 @@ class ModelRecord:
     waiting: int = 0  # acquirers waiting for this model's load
     last_used: float | None = None
     measured: Measured | None = None
+    usage: Usage = field(default_factory=Usage)  # what its replica reported last
+    held: int = 0  # bytes granted beyond the process: KV of running sequences, prompt cache
     loads: int = 0
     evictions: int = 0
 
@@ -116,14 +121,15 @@ class ModelRecord:
 
     @property
     def cost(self) -> int:
-        """Bytes charged: the override, else the last measurement, else the estimate.
+        """Bytes charged: the override (the whole cost, exactly), else the process as last
+        measured plus what its replica holds, else the estimate.
 
         An unsized model is never admitted; one adopted while loading costs 0 until measured.
         """
         if self.entry.memory_bytes is not None:
             return self.entry.memory_bytes
         if self.measured is not None:
-            return self.measured.bytes
+            return (self.usage.process_bytes or self.measured.bytes) + self.held
         return self.estimated_bytes or 0
 
     @property
@@ -212,6 +218,7 @@ class Ledger:
             measured.replica,
         )
         record.measured = measured
+        record.held, record.usage = 0, Usage()  # the new replica holds nothing yet
         record.loads += 1
         record.last_used = now
 
@@ -220,7 +227,9 @@ class Ledger:
         self._move(self.models[model_id], Status.UNLOADING, f"load failed: {reason}")
 
     def begin_reload(self, model_id: str, reason: str) -> None:
-        self._move(self.models[model_id], Status.LOADING, reason)
+        record = self.models[model_id]
+        record.held, record.usage = 0, Usage()  # its replica, and what it held, are gone
+        self._move(record, Status.LOADING, reason)
 
     def begin_unload(self, model_id: str, reason: str) -> bool:
         """Mark a loaded model unloading if nothing uses it; False if it is busy or not loaded."""
@@ -234,6 +243,7 @@ class Ledger:
         record = self.models[model_id]
         if evicted:
             record.evictions += 1
+        record.held, record.usage = 0, Usage()
         self._move(record, Status.UNLOADED, reason)
 
     def restore(self, model_id: str, status: Status, reason: str) -> None:
@@ -271,6 +281,70 @@ class Ledger:
         for model_id in expired:
             self._move(self.models[model_id], Status.UNLOADING, "idle_ttl")
         return expired
+
+    # -- what a loaded model holds ------------------------------------------------------------
+
+    def hold(
+        self, model_id: str, held: int, os_available: int, evict: bool = True, alone: int | None = None
+    ) -> Evict | Wait | Insufficient:
+        """A loaded model's replica asks to hold `held` bytes beyond its process (KV of its
+        sequences and its prompt cache): granted on `Evict(())`; on `Evict(victims)` the
+        victims are claimed, and the caller asks again once they are gone (nothing is
+        granted while they still hold their memory).
+
+        `alone` is what the model would hold for the new sequence once its others are done
+        (default: `held`). Shrinking is always granted. Without `evict`, growth that needs evictions waits (the
+        caller has cheaper room to make first). Growth waits while busy models (this one's other
+        sequences among them) stand in the way, and is refused only when it cannot fit even
+        with every other unpinned model gone and this model's sequences finished.
+        """
+        record = self.models[model_id]
+        if record.status not in (Status.LOADED, Status.LOADING):
+            raise LedgerError(f"model {model_id} is {record.status.value}; only loaded models hold KV")
+        growth = held - record.held
+        if growth <= 0:
+            record.held = held
+            return Evict(())
+        others = [r for r in self.models.values() if r.holds_memory]
+        available = self._os_available(os_available)
+        decision = plan([self._resident(r) for r in others], growth, self.limit, available)
+        if isinstance(decision, Insufficient):
+            # Once everything else is idle and this model's own sequences are done, only its
+            # process and prompt cache stay (and it is no candidate for eviction itself).
+            settled = record.cost - record.held + record.usage.prompt_cache_bytes
+            eventually = plan(
+                [
+                    self._resident(r, eventually_idle=True)
+                    if r is not record
+                    else Resident(r.id, settled, 0.0, pinned=True)
+                    for r in others
+                ],
+                (held if alone is None else alone) - record.usage.prompt_cache_bytes,
+                self.limit,
+                available + record.held - record.usage.prompt_cache_bytes,
+            )
+            if isinstance(eventually, Insufficient):
+                return Insufficient(need=growth, available=eventually.available)
+            return Wait(decision.message)
+        if decision.victims and not evict:
+            return Wait(f"would evict {', '.join(decision.victims)}")
+        for victim in decision.victims:
+            self._move(self.models[victim], Status.UNLOADING, f"evicted to fit KV of {model_id}")
+        if not decision.victims:
+            record.held = held
+        return decision
+
+    def report_usage(self, model_id: str, usage: Usage) -> None:
+        """What a loaded model's replica says it holds (its periodic answer, or a restart's).
+
+        The process measurement replaces the load-time one: memory the process took since
+        (allocator caches, fragmentation) is charged too.
+        """
+        record = self.models[model_id]
+        record.usage = usage
+        if not record.held:
+            # A controller that restarted learns here what the replica was granted before.
+            record.held = usage.held_bytes
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -384,7 +458,12 @@ class Ledger:
             "memory_bytes": r.cost if r.holds_memory else None,
             "estimated_bytes": r.estimated_bytes,
             "weights_bytes": r.measured.weights_bytes if r.measured else None,
-            "process_bytes": r.measured.process_bytes if r.measured else None,
+            "process_bytes": (r.usage.process_bytes or r.measured.bytes) if r.measured else None,
+            "prompt_cache_bytes": r.usage.prompt_cache_bytes if r.holds_memory else None,
+            "kv_bytes": r.usage.kv_bytes if r.holds_memory else None,
+            "held_bytes": r.held if r.holds_memory else None,
+            "sequences": r.usage.sequences,
+            "kv_bytes_per_token": r.usage.kv_bytes_per_token or None,
             "last_used": r.last_used,
             "in_flight": len(r.leases),
             "waiting": r.waiting,

@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from policies.config import ModelEntry
 from policies.eviction import Evict, Insufficient
+from policies.kv import Usage
 from policies.ledger import Ledger, LedgerError, Measured, Status, Unsized, Wait
 
 GB = 10**9
@@ -339,3 +340,104 @@ def test_a_refusal_counts_the_room_busy_models_would_leave():
     load(book, "a")
     book.grant("a", now=1)  # busy now, evictable later: its room counts
     assert book.admit("huge", PLENTY) == Insufficient(need=10 * GB, available=3 * GB)
+
+
+# -- what loaded models hold beyond their process ------------------------------------------------
+
+
+def measured_ledger(limit: int = 3 * GB) -> Ledger:
+    """Models without a `memory:` override: charged their process plus what they hold."""
+    entries = [entry(m, memory=None) for m in ("a", "b", "c")]
+    book = Ledger(limit, entries, {e.id: GB for e in entries}, lease_ttl=10)
+    for model_id in ("a", "b"):
+        load(book, model_id, now={"a": 1, "b": 2}[model_id])
+    return book
+
+
+def test_holding_kv_is_charged_and_shrinking_is_always_granted():
+    book = measured_ledger()
+    book.grant("a", 3)
+    assert book.hold("a", GB // 2, PLENTY) == Evict(())
+    assert book["a"].cost == GB + GB // 2 and book.used() == 2 * GB + GB // 2
+    assert book.hold("a", GB // 4, PLENTY) == Evict(())
+    assert book.used() == 2 * GB + GB // 4
+
+
+def test_kv_growth_evicts_idle_models_then_waits_then_refuses():
+    book = measured_ledger()
+    book.grant("a", 3)
+    decision = book.hold("a", 2 * GB, PLENTY)  # 1 + 1 + 2 > 3: idle b must go
+    assert decision == Evict(("b",)) and book["b"].status == Status.UNLOADING
+    assert book["a"].held == 0  # nothing granted while b still holds its memory
+    book.finish_unload("b", "lru", evicted=True)
+    assert book.hold("a", 2 * GB, PLENTY) == Evict(())
+    assert book.used() == 3 * GB
+
+    book = measured_ledger()
+    book.grant("a", 3)
+    book.grant("b", 3)
+    assert isinstance(book.hold("a", 2 * GB, PLENTY), Wait)  # b is busy: it will finish
+    assert book["a"].held == 0 and book.used() == 2 * GB
+
+    book = measured_ledger()
+    book.grant("a", 3)
+    refused = book.hold("a", 3 * GB, PLENTY)  # more than the budget leaves even for a alone
+    assert isinstance(refused, Insufficient) and refused.need == 3 * GB
+    assert refused.available == 2 * GB
+
+
+def test_kv_growth_waits_for_the_models_own_sequences():
+    book = measured_ledger(limit=4 * GB)
+    book.grant("a", 3)
+    book.grant("b", 3)
+    assert book.hold("a", GB + GB // 2, PLENTY) == Evict(())
+    # Another sequence of a wants 1.5 GB more: only once a's first one is done.
+    assert isinstance(book.hold("a", 3 * GB, PLENTY, alone=GB + GB // 2), Wait)
+    # One that would not fit even alone (1 GB process + 3.5 GB > 4 GB) is refused now.
+    refused = book.hold("a", 5 * GB, PLENTY, alone=3 * GB + GB // 2)
+    assert isinstance(refused, Insufficient) and book["a"].held == GB + GB // 2
+
+
+def test_reported_usage_replaces_the_load_measurement_and_a_restart_learns_the_hold():
+    book = measured_ledger()
+    book.report_usage("a", Usage(prompt_cache_bytes=10, held_bytes=100, process_bytes=GB + 5))
+    assert book["a"].cost == GB + 5 + 100
+    view = next(m for m in book.view(0, PLENTY)["models"] if m["id"] == "a")
+    assert (view["process_bytes"], view["prompt_cache_bytes"], view["held_bytes"]) == (GB + 5, 10, 100)
+    book.finish_unload("a", "lru", evicted=True) if book.begin_unload("a", "lru") else None
+    assert book["a"].held == 0 and book["a"].usage == Usage()
+
+
+class HoldMachine(LedgerMachine):
+    """Loads, leases and KV holds at random: what is held never takes the books past the budget."""
+
+    def __init__(self):
+        RuleBasedStateMachine.__init__(self)
+        sizes = {"p": GB, "a": GB, "b": 2 * GB, "c": GB // 2, "d": GB}
+        self.book = Ledger(
+            4 * GB, [entry(m, memory=None, pinned=m == "p") for m in self.MODELS], sizes, lease_ttl=10
+        )
+        self.now = 0.0
+        self.leases: list[str] = []
+
+    @rule(model=st.sampled_from(LedgerMachine.MODELS), held=st.integers(0, 4 * GB))
+    def hold(self, model, held):
+        record = self.book[model]
+        if record.status != Status.LOADED or not record.busy:
+            return
+        decision = self.book.hold(model, held, PLENTY)
+        if isinstance(decision, Evict):
+            for victim in decision.victims:
+                assert not self.book[victim].busy and victim != "p"
+                self.book.finish_unload(victim, "lru", evicted=True)
+            if decision.victims:
+                assert self.book.hold(model, held, PLENTY) == Evict(())
+            assert record.held == held
+
+    @invariant()
+    def held_bytes_fit(self):
+        assert self.book.used() <= self.book.limit
+
+
+HoldMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_holds_never_exceed_the_budget = HoldMachine.TestCase
