@@ -51,7 +51,9 @@ class Stream:
         self.headers: httpx.Headers | None = None
         self.first = threading.Event()
         self._close = threading.Event()
-        body = {"model": "bench", "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
+        # Greedy: this prompt's answer runs past 1500 tokens, so the stream ends only when
+        # closed (a sampled one could end early on an end-of-sequence token).
+        body = {"model": "bench", "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         self._thread = threading.Thread(target=self._read, args=(client, body), daemon=True)
         self._thread.start()
 
