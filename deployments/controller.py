@@ -42,6 +42,9 @@ REPLICA_CHECK_SECONDS = 10.0
 REPLICA_ANSWER_SECONDS = 10.0
 # How long replicas without weights found at start stay up for a request that wants them.
 SPARE_GRACE_SECONDS = 5.0
+# Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
+# default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
+GAUGE_REPUBLISH_SECONDS = 5.0
 
 
 def memory_limit_bytes(limit: str | int) -> int:
@@ -137,6 +140,7 @@ class Controller:
             self._spawn(self._start()),
             self._spawn(self._every(self._expire_leases, config.lease_ttl_seconds / 4)),
             self._spawn(self._every(self._check_replicas, REPLICA_CHECK_SECONDS)),
+            self._spawn(self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS)),
         ]
         ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
         if ttls:
@@ -660,6 +664,9 @@ class Controller:
             self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags=tags)
             self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
             self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
+
+    async def _republish_gauges(self) -> None:
+        self._update_gauges()
 
     async def _notify(self) -> None:
         self._update_gauges()

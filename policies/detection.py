@@ -2,16 +2,13 @@
 
 Chain: explicit config -> config.json (and files beside it), or a GGUF file's metadata ->
 name words -> default (text-generation, llama). Every answer says which signal decided, in
-`reason`.
-
-    python -m policies.detection PATH_OR_NAME [...]   # one JSON object per argument
+`reason`; `mlx-fleet detect PATH_OR_NAME` prints it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -260,15 +257,3 @@ def detect(path_or_name: str) -> Detection:
     name = directory.parent.parent.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else directory.name
     return detect_from_config(config, files, name)
 
-
-def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
-    for arg in argv:
-        print(json.dumps({"input": arg, **detect(arg).as_dict()}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -140,6 +140,13 @@ class ModelRecord:
     def busy(self) -> bool:
         return bool(self.leases or self.waiting)
 
+    def idle_left(self, now: float) -> float | None:
+        """Seconds until its idle TTL unloads it (negative: overdue); None: no countdown runs."""
+        if self.status != Status.LOADED or not self.entry.idle_ttl or self.pinned or self.busy:
+            return None
+        idle_since = self.last_used if self.last_used is not None else now
+        return self.entry.idle_ttl - (now - idle_since)
+
 
 class Ledger:
     def __init__(
@@ -270,14 +277,7 @@ class Ledger:
 
     def take_idle(self, now: float) -> list[str]:
         """Models unused for longer than their idle TTL, marked unloading."""
-        expired = [
-            r.id
-            for r in self.models.values()
-            if r.status == Status.LOADED
-            and r.entry.idle_ttl
-            and not (r.pinned or r.busy)
-            and now - (r.last_used if r.last_used is not None else now) > r.entry.idle_ttl
-        ]
+        expired = [r.id for r in self.models.values() if (r.idle_left(now) or 0) < 0]
         for model_id in expired:
             self._move(self.models[model_id], Status.UNLOADING, "idle_ttl")
         return expired
@@ -446,6 +446,7 @@ class Ledger:
         }
 
     def _model_view(self, r: ModelRecord, now: float) -> dict[str, Any]:
+        idle_left = r.idle_left(now)
         leases = sorted(
             (self._leases[i] for i in r.leases), key=lambda record: record.granted_at
         )
@@ -465,6 +466,7 @@ class Ledger:
             "sequences": r.usage.sequences,
             "kv_bytes_per_token": r.usage.kv_bytes_per_token or None,
             "last_used": r.last_used,
+            "idle_unload_in_s": None if idle_left is None else round(max(0.0, idle_left), 1),
             "in_flight": len(r.leases),
             "waiting": r.waiting,
             "leases": [

@@ -100,7 +100,7 @@ def test_demo_models(demo_models):
 def test_command_line(demo_models, tmp_path):
     config_file = demo_models / "tiny-gemma" / "config.json"
     out = subprocess.run(
-        [sys.executable, "-m", "policies.detection", str(demo_models / "all-MiniLM-L6-v2"), str(config_file), "acme/house-model-v2"],
+        [sys.executable, "-m", "fleet_cli", "detect", str(demo_models / "all-MiniLM-L6-v2"), str(config_file), "acme/house-model-v2"],
         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines()]

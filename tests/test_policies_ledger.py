@@ -248,6 +248,20 @@ def test_idle_models_expire_but_not_pinned_or_busy_ones():
     assert book["idle"].status == Status.UNLOADING
 
 
+def test_admin_view_counts_down_to_an_idle_unload_only_where_one_would_happen():
+    book = ledger(
+        entry("idle", idle_ttl=5), entry("busy", idle_ttl=5), entry("pinned", pinned=True, idle_ttl=5),
+        entry("forever"), limit=10 * GB,
+    )
+    for model in ("idle", "busy", "pinned", "forever"):
+        load(book, model, now=0)
+    book.grant("busy", now=0)
+    left = {m["id"]: m["idle_unload_in_s"] for m in book.view(now=3.5, os_available=PLENTY)["models"]}
+    assert left == {"idle": 1.5, "busy": None, "pinned": None, "forever": None}
+    overdue = book.view(now=9, os_available=PLENTY)["models"][0]
+    assert overdue["idle_unload_in_s"] == 0
+
+
 # -- properties --------------------------------------------------------------------------------
 
 
