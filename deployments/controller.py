@@ -73,6 +73,7 @@ def _metrics() -> dict[str, Any]:
         "kv_bytes": Gauge(
             "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", model
         ),
+        "sequences": Gauge("fleet_model_sequences", "Sequences a text model is generating.", model),
         "budget": Gauge("fleet_memory_budget_bytes", "The memory limit models share."),
         "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models."),
         "loads": Counter("fleet_model_loads_total", "Model loads.", model),
@@ -664,6 +665,7 @@ class Controller:
             self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags=tags)
             self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
             self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
+            self.metrics["sequences"].set(r.usage.sequences, tags=tags)
 
     async def _republish_gauges(self) -> None:
         self._update_gauges()
