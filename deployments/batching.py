@@ -30,6 +30,7 @@ class Step:
     finish_reason: str | None
     prompt_tokens: int
     logprob: TokenLogprob | None = None  # of the token this step adds, when asked for
+    cached_tokens: int = 0  # prompt tokens read from the prompt cache rather than computed
 
 
 @dataclass
@@ -44,10 +45,11 @@ class Sequence:
     processors: list[Callable] = field(default_factory=list)
     logprobs: int | None = None  # None: not wanted; n: with the n likeliest alternatives
     cancelled: bool = False
+    cached_tokens: int = 0
     detokenizer: Any = field(default=None, repr=False)
 
     def step(self, text: str, tokens: int, finish_reason: str | None, logprob: TokenLogprob | None = None) -> None:
-        self.emit(Step(text, tokens, finish_reason, len(self.prompt), logprob))
+        self.emit(Step(text, tokens, finish_reason, len(self.prompt), logprob, self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         """End this sequence with an error for its client; nothing else is touched."""
@@ -202,6 +204,7 @@ class BatchEngine:
             logits_processors=[sequence.processors],
         )
         sequence.detokenizer = self.tokenizer.detokenizer
+        sequence.cached_tokens = len(sequence.prompt) - len(rest)
         return uid
 
     def _deliver(self, sequence: Sequence, response: Any) -> None:

@@ -63,7 +63,7 @@ class CompletionTracker:
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
         self.finished = True
-        return [*events, Finish(reason, step.prompt_tokens, self.tokens, stop_sequence)]  # type: ignore[arg-type]
+        return [*events, Finish(reason, step.prompt_tokens, self.tokens, stop_sequence, step.cached_tokens)]  # type: ignore[arg-type]
 
 
 def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:

@@ -360,7 +360,12 @@ class Reply:
 
     @staticmethod
     def _usage(finish: Finish) -> dict[str, int]:
-        return {"input_tokens": finish.prompt_tokens, "output_tokens": finish.completion_tokens}
+        # Anthropic counts cache reads apart: the prompt is input_tokens + cache_read_input_tokens.
+        return {
+            "input_tokens": finish.prompt_tokens - finish.cached_tokens,
+            "output_tokens": finish.completion_tokens,
+            "cache_read_input_tokens": finish.cached_tokens,
+        }
 
     @staticmethod
     def _tool_use(call: ToolCall) -> dict[str, Any]:

@@ -414,6 +414,15 @@ class PreloadRequest(BaseModel):
     pin: bool = True
 
 
+def usage(finish: Finish) -> dict[str, Any]:
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
+    }
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -464,7 +473,7 @@ class Reply:
         else:
             choice["text"] = text
         kind = "chat.completion" if self.chat else "text_completion"
-        return self._object(kind, [choice], usage=finish.usage())
+        return self._object(kind, [choice], usage=usage(finish))
 
     def opening(self) -> list[str]:
         """A chat stream's first chunk: the role, empty content."""
@@ -514,7 +523,7 @@ class Reply:
 
     def usage_chunk(self, finish: Finish) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._object(kind, [], usage=finish.usage())
+        return self._object(kind, [], usage=usage(finish))
 
     def _chunk(
         self, delta: dict[str, Any], finish_reason: str | None, with_usage: bool, logprobs: Any = None

@@ -438,7 +438,7 @@ class Reply:
             "metadata": request.metadata or {},
             "usage": None if finish is None else {
                 "input_tokens": finish.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": finish.cached_tokens},
                 "output_tokens": finish.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": finish.prompt_tokens + finish.completion_tokens,

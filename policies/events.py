@@ -62,13 +62,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     stop_sequence: str | None = None  # the client's stop sequence that ended the text, if one did
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+    cached_tokens: int = 0  # of the prompt tokens, those read from the prompt cache
 
 
 Event = Content | Reasoning | ToolCall | Logprobs | Finish

@@ -27,6 +27,11 @@ WEATHER = {
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def prompt_tokens(usage) -> int:
+    """The whole prompt: Anthropic counts the part read from the prompt cache apart."""
+    return usage.input_tokens + usage.cache_read_input_tokens
+
+
 @pytest.fixture(scope="module")
 def claude(base_url):
     return anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
@@ -38,14 +43,15 @@ def test_a_real_answer_plain_and_streamed(claude):
     assert message.stop_reason == "end_turn" and message.stop_sequence is None
     (block,) = message.content
     assert block.type == "text" and "Paris" in block.text
-    assert message.usage.input_tokens > 10 and message.usage.output_tokens > 0
+    assert prompt_tokens(message.usage) > 10 and message.usage.output_tokens > 0
 
     with claude.messages.stream(model=REAL, max_tokens=40, messages=ASK, extra_body={"temperature": 0}) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(pieces) == block.text == final.content[0].text
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == message.usage.output_tokens
-    assert final.usage.input_tokens == message.usage.input_tokens
+    assert prompt_tokens(final.usage) == prompt_tokens(message.usage)
+    assert final.usage.cache_read_input_tokens > 0  # the same prompt again: read from the cache
 
 
 def test_system_stop_sequences_and_max_tokens(claude):
@@ -53,7 +59,7 @@ def test_system_stop_sequences_and_max_tokens(claude):
                                     system=[{"type": "text", "text": "Answer in French.", "cache_control": {"type": "ephemeral"}}])
     assert system.stop_reason == "max_tokens" and system.usage.output_tokens == 5
     no_system = claude.messages.create(model=REAL, max_tokens=5, messages=ASK, extra_body={"temperature": 0})
-    assert system.usage.input_tokens != no_system.usage.input_tokens
+    assert prompt_tokens(system.usage) != prompt_tokens(no_system.usage)
     stopped = claude.messages.create(model=REAL, max_tokens=40, messages=ASK, extra_body={"temperature": 0}, stop_sequences=["France"])
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "France"
     assert "France" not in stopped.content[0].text
@@ -81,7 +87,7 @@ def test_any_tool_and_tool_results_in_history(claude):
     history = [*ASK, {"role": "assistant", "content": [c.model_dump() for c in calls]},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c.id, "content": "Sunny."} for c in calls]}]
     follow_up = claude.messages.create(model="tiny-qwen2", max_tokens=5, messages=history, tools=[WEATHER])
-    assert follow_up.usage.input_tokens > message.usage.input_tokens
+    assert prompt_tokens(follow_up.usage) > prompt_tokens(message.usage)
 
 
 def test_thinking_blocks(claude):
@@ -113,7 +119,7 @@ def test_structured_output_plain_and_streamed(claude):
 def test_count_tokens_matches_the_prompt_of_a_generation(claude):
     counted = claude.messages.count_tokens(model=REAL, messages=ASK)
     message = claude.messages.create(model=REAL, max_tokens=1, messages=ASK)
-    assert counted.input_tokens == message.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(message.usage)
     with_tools = claude.messages.count_tokens(model="tiny-qwen2", messages=ASK, tools=[WEATHER])
     without = claude.messages.count_tokens(model="tiny-qwen2", messages=ASK)
     assert with_tools.input_tokens > without.input_tokens

@@ -16,7 +16,7 @@ EVENTS = [
     Content("It is "),
     Content("sunny."),
     ToolCall("get_weather", '{"city":"Paris"}'),
-    Finish("tool_calls", prompt_tokens=12, completion_tokens=9),
+    Finish("tool_calls", prompt_tokens=12, completion_tokens=9, cached_tokens=5),
 ]
 TOOL = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
@@ -55,7 +55,9 @@ def test_anthropic_reply_whole_and_streamed_agree():
     whole = anthropic.Reply("m").full(EVENTS)
     assert [b["type"] for b in whole["content"]] == ["thinking", "text", "tool_use"]
     assert whole["content"][1]["text"] == "It is sunny." and whole["content"][2]["input"] == {"city": "Paris"}
-    assert (whole["stop_reason"], whole["usage"]) == ("tool_use", {"input_tokens": 12, "output_tokens": 9})
+    # Anthropic counts the prompt tokens read from the cache apart from the others.
+    usage = {"input_tokens": 7, "output_tokens": 9, "cache_read_input_tokens": 5}
+    assert (whole["stop_reason"], whole["usage"]) == ("tool_use", usage)
 
     reply = anthropic.Reply("m")
     lines = reply.opening() + reply.batch(EVENTS[:2]) + reply.batch(EVENTS[2:]) + reply.closing()
@@ -72,7 +74,7 @@ def test_anthropic_reply_whole_and_streamed_agree():
         if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta"
     )
     assert text == "It is sunny." and json.loads(arguments) == {"city": "Paris"}
-    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"] == usage
 
 
 def test_anthropic_stop_sequence_and_errors():
@@ -117,7 +119,7 @@ def test_responses_reply_whole_and_streamed_agree():
     whole = responses.Reply("m", body).full(EVENTS)
     assert [i["type"] for i in whole["output"]] == ["reasoning", "message", "function_call"]
     assert whole["output"][1]["content"][0]["text"] == "It is sunny." and whole["status"] == "completed"
-    assert whole["usage"]["total_tokens"] == 21
+    assert whole["usage"]["total_tokens"] == 21 and whole["usage"]["input_tokens_details"] == {"cached_tokens": 5}
 
     reply = responses.Reply("m", body)
     lines = reply.opening() + reply.batch(EVENTS[:2]) + reply.batch(EVENTS[2:]) + reply.closing()
@@ -151,6 +153,9 @@ def test_openai_chunks_add_up_to_the_whole_reply():
     assert (message["content"], message["reasoning_content"]) == ("It is sunny.", "Thinking it over.")
     assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
     assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert whole["usage"] == {
+        "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21, "prompt_tokens_details": {"cached_tokens": 5},
+    }
 
     reply = openai.Reply("m", chat=True, logprobs=True, include_usage=True)
     lines = reply.opening() + reply.batch(events) + reply.closing()
@@ -161,4 +166,4 @@ def test_openai_chunks_add_up_to_the_whole_reply():
     calls = [call for d in deltas for call in d.get("tool_calls", [])]
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["index"] == 0
     assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Paris"}'
-    assert chunks[-1]["usage"]["total_tokens"] == 21 and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == whole["usage"] and chunks[-1]["choices"] == []

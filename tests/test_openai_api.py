@@ -194,3 +194,6 @@ def test_next_turn_reuses_the_prompt_cache_and_answers_the_same(client):
     cold = client.chat.completions.create(model="tiny-gemma", messages=turn2, max_tokens=8, temperature=0, seed=1)
     assert warm.choices[0].message.content == cold.choices[0].message.content
     assert warm.usage.prompt_tokens == cold.usage.prompt_tokens
+    # The client sees how much of the prompt came from the cache.
+    assert first.usage.prompt_tokens <= warm.usage.prompt_tokens_details.cached_tokens < warm.usage.prompt_tokens
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
