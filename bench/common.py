@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import statistics
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -41,7 +42,9 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
 
     Yields only once every unpinned model is unloaded and its replica gone, so measurements
     do not overlap the controller's scale-to-zero right after start. Everything started here
-    is shut down on exit (never `ray stop`: other clusters may run on this machine).
+    is shut down on exit (never `ray stop`: other clusters may run on this machine). Prompt
+    caches saved at unloads go to a folder of this run unless `args` name one: no run starts
+    warm from an earlier one.
     """
     import ray
     from ray import serve
@@ -50,6 +53,8 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     os.environ.pop("RAY_ADDRESS", None)  # "local" must mean a new cluster of our own
+    prompt_caches = tempfile.TemporaryDirectory(prefix="mlx-fleet-bench-prompt-cache-")
+    args = {"prompt_cache_dir": prompt_caches.name, **args}
     ray.init(
         address="local",
         num_cpus=2,
@@ -67,6 +72,7 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
     finally:
         serve.shutdown()
         ray.shutdown()
+        prompt_caches.cleanup()
 
 
 def _wait_until_settled(base_url: str, app_name: str, timeout: float) -> None:

@@ -4,7 +4,10 @@ continuous batching of concurrent requests."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from functools import partial
+from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
 from ray import serve
@@ -14,6 +17,7 @@ from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
 from deployments.kv_hold import KvHold
 from deployments.model_server import ModelServer
+from deployments.prompt_store import PromptStore, model_key
 from dialects.errors import ApiError, find_api_error
 from policies.generation import GenerationRequest, Sampling
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
@@ -25,6 +29,12 @@ from policies.output_parser import OutputParser
 from policies.stop_strings import StopMatcher
 from policies.constraints import Constraint
 from policies.tool_calls import FORMATS, ToolFormat
+
+logger = logging.getLogger("ray.serve")
+
+# Saving the prompt cache must end within Serve's graceful shutdown (20 s by default), which
+# also covers the replica's drain: what is not saved by then is left out, oldest first.
+SAVE_SECONDS = 10.0
 
 
 class CompletionTracker:
@@ -159,6 +169,35 @@ class TextModel(GenerativeServer):
         self.gguf_cache_dir = config.gguf_cache_dir
         self.gguf_dequantize = config.gguf_dequantize
         self.grammar_tokenizer: GrammarTokenizer | None = None
+        self.prompt_store_dir = Path(config.prompt_cache_dir).expanduser()
+        self.prompt_store_bytes = config.prompt_cache_disk_bytes
+        self.prompt_store: PromptStore | None = None
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica (eviction, idle TTL, admin unload): the
+        prompt cache goes to disk, for the model's next load to start warm."""
+        if self.prompt_store is None or self.engine is None or not self.engine.prompt_cache:
+            return
+        cache = self.engine.prompt_cache
+        logger.info(
+            "model %s: saving %d prompt cache entries (%.1f MB) to %s",
+            self.entry.id, len(cache), cache.nbytes / 1e6, self.prompt_store.directory,
+        )
+        try:
+            # The save checks its deadline between entries; the wait also covers the entry
+            # being written then, and a generation step still finishing on the MLX thread.
+            report = await asyncio.wait_for(
+                self.run_mlx(self.prompt_store.save, cache, time.monotonic() + SAVE_SECONDS), SAVE_SECONDS + 5
+            )
+        except Exception:
+            logger.exception("model %s: saving the prompt cache failed", self.entry.id)
+            return
+        logger.info(
+            "model %s: prompt cache saved in %.2f s: %d entries on disk (%d written now, %.1f MB), "
+            "%d left out, %d old files removed for the disk bound",
+            self.entry.id, report.seconds, report.entries, report.written, report.written_bytes / 1e6,
+            report.left_out, report.deleted,
+        )
 
     async def count_tokens(self, job: GenerationRequest, lease_id: str) -> int:
         """The prompt's length in tokens, as a generation would read it."""
@@ -288,6 +327,16 @@ class TextModel(GenerativeServer):
             prompt_cache_bytes=self.prompt_cache_bytes,
         )
         self.kv_shape = measure_kv_shape(self.model)
+        if self.prompt_store_bytes and self.engine.prompt_cache is not None:
+            self.prompt_store = PromptStore(
+                self.prompt_store_dir, model_key(self.entry.deployment, path), self.prompt_store_bytes
+            )
+            restored = self.prompt_store.restore(self.engine.prompt_cache)
+            logger.info(
+                "model %s: restored %d prompt cache entries (%.1f MB) in %.2f s%s",
+                self.entry.id, restored.entries, restored.bytes / 1e6, restored.seconds,
+                f"; {restored.unreadable} unreadable files removed" if restored.unreadable else "",
+            )
 
     # -- prompt ---------------------------------------------------------------------------
 

@@ -119,6 +119,16 @@ class AppConfig(BaseModel):
         default="512MB",
         description="KV caches kept per text model for reuse by the next turn; null: none.",
     )
+    prompt_cache_dir: str = Field(
+        default="~/.cache/mlx-fleet/prompt-cache",
+        description="Where a text model's prompt cache is kept while its replica is scaled to "
+        "zero, so that the next load starts warm.",
+    )
+    prompt_cache_disk: Size | None = Field(
+        default="2GB",
+        description="Disk the saved prompt caches of all models may take together (the least "
+        "recently used go first); null: nothing is saved or restored.",
+    )
     replica_overhead: Size = Field(
         default="200MB", description="Memory of a model replica's process before any weights."
     )
@@ -177,6 +187,10 @@ class AppConfig(BaseModel):
     @property
     def prompt_cache_bytes(self) -> int:
         return 0 if self.prompt_cache_size is None else parse_size(self.prompt_cache_size)
+
+    @property
+    def prompt_cache_disk_bytes(self) -> int:
+        return 0 if self.prompt_cache_disk is None else parse_size(self.prompt_cache_disk)
 
     @property
     def replica_overhead_bytes(self) -> int:

@@ -7,9 +7,11 @@ and shut everything down at the end (never `ray stop`: it would kill other clust
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "mlx-fleet"
+# Prompt caches the test apps save when their models unload: one folder per app, out of the
+# user's cache and gone after the session, so that no run starts warm from an earlier one.
+PROMPT_CACHE_DIR = Path(tempfile.gettempdir()) / f"mlx-fleet-test-prompt-cache-{os.getpid()}"
 
 # The single-host setting of `make serve`: Ray's own servers listen on loopback only. Read
 # by Ray when it is imported, so set before any test module imports it.
@@ -73,6 +78,7 @@ def ray_cluster():
 
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(PROMPT_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +97,7 @@ def run_app(args: dict, port: int, name: str = APP_NAME, route_prefix: str = "/"
     from graph import build_app
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
+    args = {"prompt_cache_dir": str(PROMPT_CACHE_DIR / name), **args}
     serve.run(build_app(args), name=name, route_prefix=route_prefix, external_scaler_enabled=True)
     return f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
 

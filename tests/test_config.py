@@ -24,6 +24,8 @@ def test_defaults_are_sane():
     assert cfg.models[0].memory_bytes is None
     assert cfg.max_request_bytes == 32_000_000
     assert (cfg.lease_ttl_seconds, cfg.request_body_seconds) == (20, 30)
+    assert (cfg.prompt_cache_dir, cfg.prompt_cache_disk_bytes) == ("~/.cache/mlx-fleet/prompt-cache", 2 * 10**9)
+    assert config(prompt_cache_disk=None).prompt_cache_disk_bytes == 0  # nothing saved
 
 
 def test_full_model_spec():
