@@ -123,9 +123,12 @@ class PromptStore:
                 written += 1
                 written_bytes += path.stat().st_size
             used = now - age * _ORDER_STEP_SECONDS
-            os.utime(path, (used, used))
+            try:
+                os.utime(path, (used, used))
+                kept_bytes += path.stat().st_size
+            except FileNotFoundError:  # another model's save removed it for the disk bound
+                continue
             kept.add(path.name)
-            kept_bytes += path.stat().st_size
         for stale in _stored(list(self.directory.iterdir())):
             if Path(stale.path).name not in kept:
                 Path(stale.path).unlink(missing_ok=True)
