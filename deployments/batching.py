@@ -13,12 +13,14 @@ import threading
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from policies.generation import Sampling
 from policies.events import TokenLogprob, TopLogprob
 
 logger = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,6 +99,11 @@ class BatchEngine:
 
     def prompt_cache_bytes(self) -> int:
         return self.prompt_cache.nbytes if self.prompt_cache is not None else 0
+
+    def using_prompt_cache(self, work: Callable[[Any], T]) -> T:
+        """Run `work` on the prompt cache (saving or restoring it) while nothing else touches it."""
+        with self._cache_lock:
+            return work(self.prompt_cache)
 
     def shrink_prompt_cache(self, max_bytes: int) -> None:
         """Drop the least recently used cached prompts until at most `max_bytes` remain."""

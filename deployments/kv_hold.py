@@ -16,6 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
+from dialects.errors import ApiError
 from policies.kv import Usage
 
 logger = logging.getLogger("ray.serve")
@@ -77,6 +78,15 @@ class KvHold:
             self.reserved -= kv_bytes
             self.sequences -= 1
             self._linger()
+
+    async def admit_prompt_cache(self, cache_bytes: int) -> bool:
+        """Hold `cache_bytes` more of prompt cache (a saved one read back at load) if they fit
+        as things are: a cache is worth no eviction and no wait."""
+        async with self._lock:
+            try:
+                return await self._grant(cache_bytes, 0.0, evict=False)
+            except ApiError:  # it could not fit at all, or the controller is away
+                return False
 
     def _linger(self) -> None:
         if self.sequences or self._release is not None:

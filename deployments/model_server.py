@@ -88,14 +88,15 @@ class ModelServer:
         async with self._load_lock:
             if self._report is None:
                 logger.info("loading model %s from %s", self.entry.id, self.entry.path)
-                self._report = await self.run_mlx(self._load_measured)
+                report = await self.run_mlx(self._load_measured)
                 logger.info(
                     "loaded model %s in %.2f s: weights %.1f MB, process %.1f MB",
                     self.entry.id,
-                    self._report.seconds,
-                    self._report.weights_bytes / 1e6,
-                    self._report.process_bytes / 1e6,
+                    report.seconds,
+                    report.weights_bytes / 1e6,
+                    report.process_bytes / 1e6,
                 )
+                self._report = await self._after_load(report)
             return self._report
 
     def state(self) -> ReplicaState:
@@ -184,6 +185,11 @@ class ModelServer:
 
     def _load(self) -> None:
         raise NotImplementedError
+
+    async def _after_load(self, report: LoadReport) -> LoadReport:
+        """What the load still does once the weights are in (measured without it), before
+        the model counts as loaded; the report as it stands then."""
+        return report
 
     # -- internals (MLX thread) ---------------------------------------------------------------
 

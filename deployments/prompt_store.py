@@ -2,7 +2,8 @@
 
 Before a replica goes (eviction, idle TTL, admin unload) its prompt cache is saved: one
 mlx-lm `.safetensors` file per entry, the entry's tokens in the file's metadata. The next
-load of the model reads back the most recent entries that fit its in-memory budget. Each
+load of the model reads back the most recent entries that fit its in-memory budget (and
+the memory the controller lets it hold). Each
 model version has its own folder (the model's name and a digest of its files' names, sizes
 and times), so a changed model never reads a stale cache. A file's modification time is
 when its entry was last used, as far as a save can tell; the disk bound, shared by all
@@ -144,14 +145,18 @@ class PromptStore:
             seconds=time.perf_counter() - started,
         )
 
-    def restore(self, prompt_cache: Any) -> RestoreReport:
-        """Fill an empty prompt cache with the most recent saved entries that fit it."""
+    def restorable(self, budget_bytes: int, max_entries: int) -> list[StoredFile]:
+        """The most recent saved entries that fit a prompt cache this large, oldest first."""
+        return to_restore(self._committed(), budget_bytes, max_entries)
+
+    def restore(self, prompt_cache: Any, files: list[StoredFile]) -> RestoreReport:
+        """Read `files` (from `restorable`) into an empty prompt cache, in their order."""
         import mlx.core as mx
         from mlx_lm.models.cache import load_prompt_cache
 
         started = time.perf_counter()
         restored = restored_bytes = unreadable = 0
-        for stored in to_restore(self._committed(), prompt_cache.max_bytes, prompt_cache.max_size):
+        for stored in files:
             try:
                 cache, metadata = load_prompt_cache(stored.path, return_metadata=True)
                 tokens = json.loads(metadata["tokens"])

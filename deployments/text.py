@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator
@@ -16,7 +17,7 @@ from deployments.batching import BatchEngine, Sequence, Step
 from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
 from deployments.kv_hold import KvHold
-from deployments.model_server import ModelServer
+from deployments.model_server import LoadReport, ModelServer
 from deployments.prompt_store import PromptStore, model_key
 from dialects.errors import ApiError, find_api_error
 from policies.generation import GenerationRequest, Sampling
@@ -73,7 +74,8 @@ class CompletionTracker:
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
         self.finished = True
-        return [*events, Finish(reason, step.prompt_tokens, self.tokens, stop_sequence, step.cached_tokens)]  # type: ignore[arg-type]
+        finish = Finish(reason, step.prompt_tokens, self.tokens, stop_sequence, step.cached_tokens)  # type: ignore[arg-type]
+        return [*events, finish]
 
 
 def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
@@ -183,12 +185,11 @@ class TextModel(GenerativeServer):
             "model %s: saving %d prompt cache entries (%.1f MB) to %s",
             self.entry.id, len(cache), cache.nbytes / 1e6, self.prompt_store.directory,
         )
+        save = partial(self.prompt_store.save, deadline=time.monotonic() + SAVE_SECONDS)
         try:
             # The save checks its deadline between entries; the wait also covers the entry
             # being written then, and a generation step still finishing on the MLX thread.
-            report = await asyncio.wait_for(
-                self.run_mlx(self.prompt_store.save, cache, time.monotonic() + SAVE_SECONDS), SAVE_SECONDS + 5
-            )
+            report = await asyncio.wait_for(self.run_mlx(self.engine.using_prompt_cache, save), SAVE_SECONDS + 5)
         except Exception:
             logger.exception("model %s: saving the prompt cache failed", self.entry.id)
             return
@@ -331,12 +332,34 @@ class TextModel(GenerativeServer):
             self.prompt_store = PromptStore(
                 self.prompt_store_dir, model_key(self.entry.deployment, path), self.prompt_store_bytes
             )
-            restored = self.prompt_store.restore(self.engine.prompt_cache)
-            logger.info(
-                "model %s: restored %d prompt cache entries (%.1f MB) in %.2f s%s",
-                self.entry.id, restored.entries, restored.bytes / 1e6, restored.seconds,
-                f"; {restored.unreadable} unreadable files removed" if restored.unreadable else "",
-            )
+
+    async def _after_load(self, report: LoadReport) -> LoadReport:
+        """Read back the prompt cache saved when the model was last unloaded, as far as the
+        controller lets the model hold it."""
+        if self.prompt_store is None:
+            return report
+        started = time.perf_counter()
+        try:
+            files = self.prompt_store.restorable(self.prompt_cache_bytes, self.engine.prompt_cache.max_size)
+            wanted = sum(f.size for f in files)
+            if files and self.kv is not None and not await self.kv.admit_prompt_cache(wanted):
+                logger.info(
+                    "model %s: no room now for its saved prompt cache (%d entries, %.1f MB); starting cold",
+                    self.entry.id, len(files), wanted / 1e6,
+                )
+                return report
+            restore = partial(self.prompt_store.restore, files=files)
+            restored = await self.run_mlx(self.engine.using_prompt_cache, restore)
+        except Exception:  # a cold start is still a start
+            logger.exception("model %s: restoring the prompt cache failed", self.entry.id)
+            return report
+        logger.info(
+            "model %s: restored %d prompt cache entries (%.1f MB) in %.2f s%s",
+            self.entry.id, restored.entries, restored.bytes / 1e6, restored.seconds,
+            f"; {restored.unreadable} unreadable files removed" if restored.unreadable else "",
+        )
+        # Loaded includes restored; what the replica holds now includes the cache.
+        return replace(report, seconds=report.seconds + time.perf_counter() - started, usage=self.usage())
 
     # -- prompt ---------------------------------------------------------------------------
 

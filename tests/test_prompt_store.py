@@ -37,7 +37,7 @@ def test_entries_come_back_in_their_lru_order(tmp_path: Path):
     assert (report.entries, report.written, report.left_out, report.deleted) == (3, 3, 0, 0)
 
     restored = LRUPromptCache(max_size=64, max_bytes=10**9)
-    assert store.restore(restored).entries == 3
+    assert store.restore(restored, store.restorable(10**9, 64)).entries == 3
     assert [tokens for tokens, _ in cache_entries(restored)] == prompts
     for (_, before), (_, after) in zip(cache_entries(original), cache_entries(restored)):
         for a, b in zip(before, after):
@@ -63,7 +63,7 @@ def test_damaged_files_and_leftovers_are_skipped(tmp_path: Path):
     (store.directory / f".{'0' * 32}.safetensors").write_bytes(b"half written")
 
     restored = LRUPromptCache(max_size=64, max_bytes=10**9)
-    report = store.restore(restored)
+    report = store.restore(restored, store.restorable(10**9, 64))
     assert (report.entries, report.unreadable) == (1, 1) and not damaged.exists()
     assert len(restored) == 1
 

@@ -76,6 +76,9 @@ def test_second_turn_after_unload_and_reload_starts_from_the_saved_prefix(admin,
 
     reload(admin, "chat")
     assert saved(store, "chat")
+    # The restored cache is held, and charged, from the load on.
+    view = next(m for m in admin.get("/admin/models").json()["models"] if m["id"] == "chat")
+    assert 0 < view["prompt_cache_bytes"] <= view["held_bytes"]
     after_reload = ask(turn2)
 
     # The same two turns without an eviction in between, from an empty prompt cache.
