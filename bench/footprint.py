@@ -31,7 +31,7 @@ import httpx
 import psutil
 import yaml
 
-from bench.common import ROOT, Summary, free_port, summarize, write_result
+from bench.common import ROOT, Summary, free_port, write_result
 from bench.memory import label
 
 LOADED = ["smollm2-135m-instruct", "tiny-llama", "bench-llama-20m", "all-MiniLM-L6-v2"]
