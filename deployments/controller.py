@@ -74,6 +74,10 @@ def _metrics() -> dict[str, Any]:
             "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", model
         ),
         "sequences": Gauge("fleet_model_sequences", "Sequences a text model is generating.", model),
+        "weights_bytes": Gauge("fleet_model_weights_bytes", "Bytes a loaded model's weights took.", model),
+        "process_bytes": Gauge(
+            "fleet_model_process_bytes", "A loaded model's replica process, weights included.", model
+        ),
         "budget": Gauge("fleet_memory_budget_bytes", "The memory limit models share."),
         "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models."),
         "loads": Counter("fleet_model_loads_total", "Model loads.", model),
@@ -666,6 +670,9 @@ class Controller:
             self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
             self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
             self.metrics["sequences"].set(r.usage.sequences, tags=tags)
+            measured = r.measured if r.holds_memory else None
+            self.metrics["weights_bytes"].set(measured.weights_bytes if measured else 0, tags=tags)
+            self.metrics["process_bytes"].set(r.process_bytes if measured else 0, tags=tags)
 
     async def _republish_gauges(self) -> None:
         self._update_gauges()

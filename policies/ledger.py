@@ -129,8 +129,15 @@ class ModelRecord:
         if self.entry.memory_bytes is not None:
             return self.entry.memory_bytes
         if self.measured is not None:
-            return (self.usage.process_bytes or self.measured.bytes) + self.held
+            return self.process_bytes + self.held
         return self.estimated_bytes or 0
+
+    @property
+    def process_bytes(self) -> int | None:
+        """The replica's process, weights included: as re-measured idle, else at load."""
+        if self.measured is None:
+            return None
+        return self.usage.process_bytes or self.measured.bytes
 
     @property
     def holds_memory(self) -> bool:
@@ -459,7 +466,7 @@ class Ledger:
             "memory_bytes": r.cost if r.holds_memory else None,
             "estimated_bytes": r.estimated_bytes,
             "weights_bytes": r.measured.weights_bytes if r.measured else None,
-            "process_bytes": (r.usage.process_bytes or r.measured.bytes) if r.measured else None,
+            "process_bytes": r.process_bytes,
             "prompt_cache_bytes": r.usage.prompt_cache_bytes if r.holds_memory else None,
             "kv_bytes": r.usage.kv_bytes if r.holds_memory else None,
             "held_bytes": r.held if r.holds_memory else None,
