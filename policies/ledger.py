@@ -307,6 +307,8 @@ class Ledger:
         """
         record = self.models[model_id]
         if record.status not in (Status.LOADED, Status.LOADING):
+            if held <= record.held:  # a replica on its way out giving back: nothing to do
+                return Evict(())
             raise LedgerError(f"model {model_id} is {record.status.value}; only loaded models hold KV")
         growth = held - record.held
         if growth <= 0:
