@@ -17,7 +17,6 @@ Target: turn 2's time to first token <= 0.5 x turn 1's.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from typing import Any
@@ -26,7 +25,7 @@ import httpx
 from mlx_lm import load, stream_generate
 
 from bench.common import ROOT, Summary, serve_app, summarize, write_result
-from bench.throughput import wait_until_loaded
+from bench.throughput import stream_chat, wait_until_loaded
 
 MODEL_ID = "bench"
 MODEL_PATH = "models/bench-llama-20m"
@@ -36,23 +35,8 @@ STORY = "The river ran past the old mill, the bridge and the sleeping town. " * 
 
 def turn_ttft(client: httpx.Client, messages: list[dict[str, str]]) -> tuple[float, str]:
     """Seconds to the first generated text of a streamed chat, and the whole answer."""
-    body = {"model": MODEL_ID, "messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
-    sent = time.perf_counter()
-    first: float | None = None
-    pieces: list[str] = []
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-            if text:
-                first = first or time.perf_counter() - sent
-                pieces.append(text)
-    if first is None:
-        raise RuntimeError("the stream ended without content")
-    return first, "".join(pieces)
+    turn = stream_chat(client, MODEL_ID, 16, messages)
+    return turn.ttft_s, turn.text
 
 
 def in_process_ttft(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> float:

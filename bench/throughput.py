@@ -56,6 +56,8 @@ class Stream:
     decode_s: float  # from that first piece to the end of the stream
     completion_tokens: int
     text: str
+    prompt_tokens: int = 0  # through the server: as its usage chunk reports them
+    cached_tokens: int = 0  # of those, read from the server's prompt cache
 
     @property
     def decode_tok_s(self) -> float:
@@ -65,10 +67,12 @@ class Stream:
         return (self.completion_tokens - 1) / self.decode_s
 
 
-def chat_body(model_id: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def chat_body(
+    model_id: str, max_tokens: int, stream: bool, messages: list[dict[str, str]] = MESSAGES
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model_id,
-        "messages": MESSAGES,
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
@@ -80,14 +84,16 @@ def chat_body(model_id: str, max_tokens: int, stream: bool) -> dict[str, Any]:
     return body
 
 
-def stream_chat(client: httpx.Client, model_id: str, max_tokens: int) -> Stream:
+def stream_chat(
+    client: httpx.Client, model_id: str, max_tokens: int, messages: list[dict[str, str]] = MESSAGES
+) -> Stream:
     """A streaming chat request read to its end, timed chunk by chunk."""
     sent = time.perf_counter()
     first: float | None = None
     last = sent
     pieces: list[str] = []
     usage: dict[str, int] | None = None
-    body = chat_body(model_id, max_tokens, stream=True)
+    body = chat_body(model_id, max_tokens, stream=True, messages=messages)
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -106,7 +112,10 @@ def stream_chat(client: httpx.Client, model_id: str, max_tokens: int) -> Stream:
                 first = first or last
     if first is None or usage is None:
         raise RuntimeError("the stream ended without content or without a usage chunk")
-    return Stream(first - sent, last - first, usage["completion_tokens"], "".join(pieces))
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return Stream(
+        first - sent, last - first, usage["completion_tokens"], "".join(pieces), usage["prompt_tokens"], cached
+    )
 
 
 def stream_in_process(model: Any, tokenizer: Any, prompt: list[int]) -> Stream:

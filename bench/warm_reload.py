@@ -18,14 +18,13 @@ Targets: reloaded / kept <= 1.5, reloaded / uncached <= 0.2.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 
 import httpx
 
 from bench.common import Summary, serve_app, summarize, write_result
-from bench.throughput import wait_until_loaded
+from bench.throughput import Stream, stream_chat, wait_until_loaded
 
 MODEL_ID = "bench"
 # bench-llama-20m: a context of 8192 tokens, and big enough for prefill to cost seconds.
@@ -33,33 +32,9 @@ APP_ARGS = {"models": [{"id": MODEL_ID, "path": "models/bench-llama-20m", "pinne
 STORY = "The river ran past the old mill, the bridge and the sleeping town. " * 60  # ~1950 tokens
 
 
-class Turn:
+def turn(client: httpx.Client, messages: list[dict[str, str]]) -> Stream:
     """One streamed chat turn: time to first text, the answer, and the prompt's usage."""
-
-    def __init__(self, client: httpx.Client, messages: list[dict[str, str]]):
-        body = {"model": MODEL_ID, "messages": messages, "max_tokens": 16, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        sent = time.perf_counter()
-        first: float | None = None
-        pieces: list[str] = []
-        usage: dict | None = None
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                usage = chunk.get("usage") or usage
-                text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-                if text:
-                    first = first or time.perf_counter() - sent
-                    pieces.append(text)
-        if first is None or usage is None:
-            raise RuntimeError("the stream ended without content or usage")
-        self.ttft_s = first
-        self.answer = "".join(pieces)
-        self.prompt_tokens: int = usage["prompt_tokens"]
-        self.cached_tokens: int = usage["prompt_tokens_details"]["cached_tokens"]
+    return stream_chat(client, MODEL_ID, 16, messages)
 
 
 def opening(chat: str) -> list[dict[str, str]]:
@@ -84,18 +59,18 @@ def main() -> None:
     samples: dict[str, list[float]] = defaultdict(list)
     with serve_app(APP_ARGS) as base_url, httpx.Client(base_url=base_url, timeout=600) as client:
         wait_until_loaded(client, MODEL_ID)
-        Turn(client, [{"role": "user", "content": "Warm up."}])  # untimed: first-call costs
+        turn(client, [{"role": "user", "content": "Warm up."}])  # untimed: first-call costs
         for repeat in range(1, repeats + 1):
             kept_turn1 = opening(f"{repeat}a")
-            kept = Turn(client, second(kept_turn1, Turn(client, kept_turn1).answer))
+            kept = turn(client, second(kept_turn1, turn(client, kept_turn1).text))
 
             reloaded_turn1 = opening(f"{repeat}b")
-            answer = Turn(client, reloaded_turn1).answer
+            answer = turn(client, reloaded_turn1).text
             unload_s = timed_post(client, f"/admin/models/{MODEL_ID}/unload")
             load_s = timed_post(client, f"/admin/models/{MODEL_ID}/load")
-            reloaded = Turn(client, second(reloaded_turn1, answer))
+            reloaded = turn(client, second(reloaded_turn1, answer))
 
-            uncached = Turn(client, second(opening(f"{repeat}c"), answer))
+            uncached = turn(client, second(opening(f"{repeat}c"), answer))
             print(
                 f"repeat {repeat}/{repeats}: turn 2 TTFT kept {kept.ttft_s:.3f} s, reloaded {reloaded.ttft_s:.3f} s, "
                 f"uncached {uncached.ttft_s:.3f} s; unload {unload_s:.2f} s, load {load_s:.2f} s; "
