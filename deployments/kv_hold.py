@@ -103,7 +103,7 @@ class KvHold:
     async def _cover(self, kv_bytes: int) -> None:
         deadline = time.monotonic() + self.wait_seconds
         async with self._lock:
-            if self.reserved + kv_bytes + self._prompt_cache_bytes() <= self.granted:
+            if self._covered(kv_bytes):
                 return
             if await self._grant(kv_bytes, 0.0, evict=False):
                 return
@@ -111,12 +111,15 @@ class KvHold:
             # its oldest entries before anything is evicted or waited for (a running
             # sequence's KV is never dropped for a cache).
             await self._shrink_prompt_cache(max(0, self.granted - self.reserved - kv_bytes))
-            while self.reserved + kv_bytes + self._prompt_cache_bytes() > self.granted:
+            while not self._covered(kv_bytes):
                 # Asked again every second: our own sequences ending make room the
                 # controller does not see.
                 remaining = deadline - time.monotonic()
                 if await self._grant(kv_bytes, min(1.0, max(0.0, remaining)), final=remaining <= 0):
                     return
+
+    def _covered(self, kv_bytes: int) -> bool:
+        return self.reserved + kv_bytes + self._prompt_cache_bytes() <= self.granted
 
     async def _grant(self, kv_bytes: int, patience: float, final: bool = False, evict: bool = True) -> bool:
         """Ask to hold enough for the running sequences, the prompt cache and `kv_bytes` more."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -211,11 +212,12 @@ class TextModel(GenerativeServer):
         # whole request: not on the event loop.
         prompt, in_reasoning = await asyncio.to_thread(self._prompt_tokens, job)
         max_tokens = self._max_tokens(job.sampling.max_tokens, len(prompt))
-        if self.kv is None:
-            async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
-                yield batch
-            return
-        async with self.kv.reserve(self.kv_shape.bytes_for(len(prompt) + max_tokens)):
+        reserved = (
+            nullcontext()
+            if self.kv is None
+            else self.kv.reserve(self.kv_shape.bytes_for(len(prompt) + max_tokens))
+        )
+        async with reserved:
             async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
                 yield batch
 
