@@ -126,17 +126,21 @@ def table(rows: list[list[Any]], headers: Sequence[str]) -> str:
 # -- commands -----------------------------------------------------------------------------------
 
 
+# The columns `ps` and `models` share: a model as the catalog knows it.
+MODEL_HEADERS = ("NAME", "TYPE", "FAMILY", "STATUS", "PINNED")
+
+
+def model_columns(m: dict) -> list:
+    return [m["id"], m["type"], m["family"], m["status"], "yes" if m["pinned"] else "no"]
+
+
 def ps(args: argparse.Namespace) -> str:
     view = Server(args).get("/admin/models")
     now = time.time()
     shown = [m for m in view["models"] if args.all or m["status"] != "unloaded"]
     rows = [
         [
-            m["id"],
-            m["type"],
-            m["family"],
-            m["status"],
-            "yes" if m["pinned"] else "no",
+            *model_columns(m),
             size(m["memory_bytes"]),
             memory_parts(m),
             in_flight(m),
@@ -152,9 +156,7 @@ def ps(args: argparse.Namespace) -> str:
     if not rows:
         hint = "" if args.all else " (mlx-fleet ps -a lists unloaded ones too)"
         return f"{summary}\nno model holds memory{hint}"
-    headers = (
-        "NAME", "TYPE", "FAMILY", "STATUS", "PINNED", "MEMORY", "MADE OF", "IN FLIGHT", "LAST USED", "IDLE UNLOAD IN"
-    )
+    headers = (*MODEL_HEADERS, "MEMORY", "MADE OF", "IN FLIGHT", "LAST USED", "IDLE UNLOAD IN")
     return f"{summary}\n\n{table(rows, headers)}"
 
 
@@ -162,17 +164,13 @@ def models(args: argparse.Namespace) -> str:
     catalog = Server(args).get("/v1/models")["data"]
     rows = [
         [
-            m["id"],
-            m["type"],
-            m["family"],
-            m["status"],
-            "yes" if m["pinned"] else "no",
+            *model_columns(m),
             m.get("context_length") or "-",
             ", ".join(name for name, has in m["capabilities"].items() if has),
         ]
         for m in catalog
     ]
-    return table(rows, ("NAME", "TYPE", "FAMILY", "STATUS", "PINNED", "CONTEXT", "CAPABILITIES"))
+    return table(rows, (*MODEL_HEADERS, "CONTEXT", "CAPABILITIES"))
 
 
 def load(args: argparse.Namespace) -> str:
