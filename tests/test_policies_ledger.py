@@ -235,7 +235,8 @@ def test_adoption_restores_loaded_models_with_their_leases():
     assert [lease.id for lease in book.expire_leases(now=60)] == ["l1", "l2"]
 
 
-def test_idle_models_expire_but_not_pinned_or_busy_ones():
+def idle_candidates() -> Ledger:
+    """Four loaded models with a 5 s idle TTL or none: idle, busy, pinned, and forever."""
     book = ledger(
         entry("idle", idle_ttl=5), entry("busy", idle_ttl=5), entry("pinned", pinned=True, idle_ttl=5),
         entry("forever"), limit=10 * GB,
@@ -243,19 +244,18 @@ def test_idle_models_expire_but_not_pinned_or_busy_ones():
     for model in ("idle", "busy", "pinned", "forever"):
         load(book, model, now=0)
     book.grant("busy", now=0)
+    return book
+
+
+def test_idle_models_expire_but_not_pinned_or_busy_ones():
+    book = idle_candidates()
     assert book.take_idle(now=4) == []
     assert book.take_idle(now=6) == ["idle"]
     assert book["idle"].status == Status.UNLOADING
 
 
 def test_admin_view_counts_down_to_an_idle_unload_only_where_one_would_happen():
-    book = ledger(
-        entry("idle", idle_ttl=5), entry("busy", idle_ttl=5), entry("pinned", pinned=True, idle_ttl=5),
-        entry("forever"), limit=10 * GB,
-    )
-    for model in ("idle", "busy", "pinned", "forever"):
-        load(book, model, now=0)
-    book.grant("busy", now=0)
+    book = idle_candidates()
     left = {m["id"]: m["idle_unload_in_s"] for m in book.view(now=3.5, os_available=PLENTY)["models"]}
     assert left == {"idle": 1.5, "busy": None, "pinned": None, "forever": None}
     overdue = book.view(now=9, os_available=PLENTY)["models"][0]
