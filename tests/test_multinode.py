@@ -1,0 +1,227 @@
+"""Several nodes, one fleet (issue 16): a Ray cluster of a head and two labelled nodes, a and
+b, on this one machine (`tests/multinode_driver.py`, its own subprocess and cluster,
+independent of the session's), serving tiny demo models with exact `memory:` costs so that
+every placement is decided by the rules, not by measurements.
+
+The tests share the cluster and run in file order, each starting from the state the one
+before left (written at the top of each). Budgets: a 3 GB, b 2.7 GB; every model 1 GB but the
+pinned `p` (0.5 GB, only on b) and `huge` (4 GB, fits nowhere).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import wait_for
+from tests.multinode import Driver
+
+KEY = "sekret"
+ADMIN = {"Authorization": f"Bearer {KEY}"}
+NODE_LABEL = "mlx-fleet/node"
+GB = 10**9
+ARGS = {
+    "admin_api_key": KEY,
+    "load_wait_timeout": "20s",
+    "nodes": [{"name": "a", "memory_limit": "3GB"}, {"name": "b", "memory_limit": "2.7GB"}],
+    "models": [
+        {"id": "p", "path": "models/tiny-mistral", "memory": "0.5GB", "pinned": True, "node": "b"},
+        {"id": "m1", "path": "models/tiny-qwen2", "memory": "1GB"},
+        # Greedy tiny-llama does not stop before max_tokens: m2 is the model streamed from.
+        {"id": "m2", "path": "models/tiny-llama", "memory": "1GB"},
+        {"id": "m3", "path": "models/tiny-gemma", "memory": "1GB"},
+        {"id": "m4", "path": "models/tiny-qwen3", "memory": "1GB"},
+        {"id": "bonly", "path": "models/tiny-mistral", "memory": "1GB", "node": "b"},
+        {"id": "huge", "path": "models/tiny-llama", "memory": "4GB"},
+    ],
+}
+LIMITS = {"a": 3 * GB, "b": 2_700_000_000}
+
+
+@pytest.fixture(scope="module")
+def driver(demo_models, tmp_path_factory):
+    fleet = Driver({"nodes": ["a", "b"], "num_cpus": 2, "args": ARGS}, tmp_path_factory.mktemp("multinode"))
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.quit()
+
+
+@pytest.fixture(scope="module")
+def admin(driver):
+    with httpx.Client(base_url=driver.url, timeout=60, headers=ADMIN) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(driver):
+    return openai.OpenAI(base_url=f"{driver.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def view(admin: httpx.Client) -> dict:
+    response = admin.get("/admin/models")
+    response.raise_for_status()
+    return response.json()
+
+
+def models(admin: httpx.Client) -> dict[str, dict]:
+    return {m["id"]: m for m in view(admin)["models"]}
+
+
+def nodes(admin: httpx.Client) -> dict[str, dict]:
+    return {n["name"]: n for n in view(admin)["nodes"]}
+
+
+def placement(admin: httpx.Client) -> dict[str, str | None]:
+    """{model: the node it is loaded on} for the loaded models."""
+    return {m["id"]: m["node"] for m in view(admin)["models"] if m["status"] == "loaded"}
+
+
+def chat(client: openai.OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_nodes_are_listed_and_the_pinned_model_loads_on_its_node(driver, admin):
+    wait_for(lambda: models(admin)["p"]["status"] == "loaded", "pinned p loaded at start", timeout=60)
+    state = view(admin)
+    by_id = {m["id"]: m for m in state["models"]}
+    assert by_id["p"]["node"] == "b" and by_id["p"]["pinned"] is True
+    assert all(m["node"] is None for m in state["models"] if m["id"] != "p")
+
+    listed = {n["name"]: n for n in state["nodes"]}
+    assert set(listed) == {"a", "b"}
+    for name, node in listed.items():
+        assert node["node_id"] == driver.node_ids[name]
+        assert node["alive"] is True
+        assert node["labels"].get(NODE_LABEL) == name
+        assert node["memory_limit_bytes"] == LIMITS[name]
+    assert (listed["a"]["used_bytes"], listed["b"]["used_bytes"]) == (0, GB // 2)
+    assert listed["a"]["available_bytes"] == 3 * GB
+    assert listed["b"]["available_bytes"] == 2_200_000_000
+    assert (listed["a"]["models"], listed["b"]["models"]) == ([], ["p"])
+
+
+def test_loads_go_to_the_node_with_the_most_headroom(admin, client):
+    # Free: a 3.0, b 2.2 GB. Each 1 GB model goes where more is left after it.
+    for model, expected in (("m1", "a"), ("m2", "b"), ("m3", "a"), ("m4", "b")):
+        chat(client, model)
+        assert models(admin)[model]["node"] == expected, f"{model} should have gone to node {expected}"
+    assert placement(admin) == {"p": "b", "m1": "a", "m2": "b", "m3": "a", "m4": "b"}
+    listed = nodes(admin)
+    assert (listed["a"]["used_bytes"], listed["b"]["used_bytes"]) == (2 * GB, 2_500_000_000)
+    assert (listed["a"]["available_bytes"], listed["b"]["available_bytes"]) == (GB, 200_000_000)
+    assert sorted(listed["a"]["models"]) == ["m1", "m3"]
+    assert sorted(listed["b"]["models"]) == ["m2", "m4", "p"]
+
+
+def test_eviction_is_least_recently_used_on_that_node_only(admin, client):
+    # a: m1, m3 (full); b: p (pinned), m2, m4 (0.2 GB free). bonly may only use b.
+    before = models(admin)
+    chat(client, "bonly")
+    after = models(admin)
+    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "m4": "b", "bonly": "b"}
+    assert after["m2"]["status"] == "unloaded" and after["m2"]["node"] is None
+    assert after["m2"]["evictions"] == before["m2"]["evictions"] + 1
+    for model in ("m1", "m3", "m4", "p"):  # a's models, b's more recent one, the pinned one
+        assert after[model]["evictions"] == before[model]["evictions"]
+    listed = nodes(admin)
+    assert sorted(listed["b"]["models"]) == ["bonly", "m4", "p"]
+    assert listed["b"]["used_bytes"] == 2_500_000_000
+
+
+def test_a_reload_goes_back_to_the_node_it_last_ran_on(admin, client):
+    # a: m1, m3 (full); b: p, m4, bonly (0.2 GB free). m2 needs one eviction on either node:
+    # it returns to b, where it ran, and evicts b's least recently used, m4.
+    chat(client, "m2")
+    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "bonly": "b", "m2": "b"}
+
+
+def test_the_pinned_model_is_never_evicted(admin):
+    # p was b's least recently used model through two evictions there.
+    p = models(admin)["p"]
+    assert (p["status"], p["node"], p["evictions"], p["loads"]) == ("loaded", "b", 0, 1)
+
+
+def test_a_model_no_node_can_fit_gets_503_naming_the_best_node(admin, client):
+    before = placement(admin)
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client, "huge")
+    error = raised.value
+    assert error.status_code == 503 and error.code == "insufficient_memory"
+    assert error.response.headers.get("x-should-retry") == "false"
+    # a, once every unpinned model is gone, has 3 GB; b has 2.2 GB beside the pinned p.
+    assert re.search(r"need 4\.0 GB, only 3\.0 GB available after eviction on node a\b", error.message), error.message
+    assert placement(admin) == before  # nothing was evicted for a load that cannot happen
+    assert models(admin)["huge"]["node"] is None
+
+
+def test_a_node_that_leaves_mid_stream(driver, admin, client):
+    # a: m1, m3 (full); b: p, bonly, m2.
+    assert models(admin)["m2"]["node"] == "b"
+    stream = client.with_options(timeout=httpx.Timeout(60, read=20)).chat.completions.create(
+        model="m2",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8000,
+        temperature=0,
+        stream=True,
+    )
+    chunks, finish, outcome, removed_at = 0, None, None, None
+    try:
+        for chunk in stream:
+            chunks += 1
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunks == 20:
+                driver.remove("b")  # SIGKILL b's raylet and its workers, m2's replica with them
+                removed_at = time.monotonic()
+        outcome = "ended"
+    except openai.APITimeoutError:
+        outcome = "hung"
+    except (openai.APIError, httpx.HTTPError) as error:  # an SSE error event, or a cut stream
+        outcome = f"error: {error!r}"
+    assert removed_at is not None, f"the stream ended after {chunks} chunks, before b was removed"
+    assert outcome.startswith("error") or (outcome == "ended" and finish is None), (outcome, finish)
+    assert time.monotonic() - removed_at < 20
+
+    wait_for(lambda: nodes(admin)["b"]["alive"] is False, "node b seen dead", timeout=30)
+    wait_for(
+        lambda: all(models(admin)[m]["status"] == "unloaded" for m in ("p", "bonly", "m2")),
+        "b's models unloaded",
+        timeout=30,
+    )
+    state = models(admin)
+    assert all(state[m]["node"] is None for m in ("p", "bonly", "m2"))
+    assert nodes(admin)["b"]["models"] == []
+
+    # m2 may use a: it loads there, in place of a's least recently used model, m1.
+    chat(client, "m2")
+    assert placement(admin) == {"m3": "a", "m2": "a"}
+    # bonly may only use b, which is gone: it cannot load anywhere.
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client, "bonly")
+    assert raised.value.status_code == 503
+
+
+def test_a_node_that_rejoins_is_used_again(driver, admin, client):
+    # a: m3, m2 (full); b: dead.
+    driver.add("b")
+    wait_for(lambda: nodes(admin)["b"]["alive"] is True, "node b back", timeout=30)
+    b = nodes(admin)["b"]
+    assert b["node_id"] == driver.node_ids["b"]
+    chat(client, "m4")  # a would have to evict; b has room
+    chat(client, "bonly")
+    loaded = placement(admin)
+    assert (loaded["m4"], loaded["bonly"], loaded["m3"], loaded["m2"]) == ("b", "b", "a", "a")
+
+
+def test_quit_leaves_no_process_behind(driver):
+    assert driver.quit() == 0
+    assert driver.leftovers == []
