@@ -112,6 +112,12 @@ class Driver:
     def add(self, node: str) -> None:
         self.command(f"add {node}", f"ADDED {node}")
 
+    def alive(self) -> dict[str, bool]:
+        """{node id: alive} as GCS sees it, every node it has known."""
+        self.process.stdin.write("alive\n")
+        self.process.stdin.flush()
+        return json.loads(self.expect("ALIVE ", 30)[len("ALIVE "):])
+
     def quit(self, timeout: float = 60, grace: float = 10) -> int:
         """Ask the driver to stop everything, and kill the whole session if it does not.
 

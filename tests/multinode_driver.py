@@ -12,10 +12,11 @@ Protocol, one line each, on stdout (anything else there is noise to skip):
     READY <base url>                    the application answers
     REMOVED <name> / ADDED <name>       after `remove <name>` / `add <name>` on stdin
     ERROR <message>                     a command failed; the driver goes on
+    ALIVE {"<node id hex>": true, ...}  after `alive`: every node GCS knows, and whether alive
     BYE                                 after `quit`: Serve, Ray and every node are gone
 Commands on stdin: `remove <name>` (SIGKILL that node's raylet and workers, as a Mac that
-drops off the network), `add <name>` (a new node with that label), `quit`. End of stdin,
-SIGTERM and SIGINT also quit.
+drops off the network), `add <name>` (a new node with that label), `alive`, `quit`. End of
+stdin, SIGTERM and SIGINT also quit.
 
 The cluster's temp dir is private (RAY_TMPDIR), so that `ray.init()` elsewhere on the
 machine never finds this cluster through /tmp/ray/ray_current_cluster, and its session
@@ -180,6 +181,10 @@ def main() -> int:
                     fleet.add(name)
                     fleet.report_nodes()
                     say(f"ADDED {name}")
+                elif command == "alive":
+                    import ray
+
+                    say("ALIVE " + json.dumps({n["NodeID"]: n["Alive"] for n in ray.nodes()}))
                 elif command:
                     say(f"ERROR unknown command {line.strip()!r}")
             except Exception as error:  # noqa: BLE001 - report, keep serving
