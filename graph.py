@@ -25,6 +25,10 @@ from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
 from policies.features import text_features
 
 
+# A resource only the head node has (Ray adds it): actors asking for a sliver run there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 class ConfigError(ValueError):
     """The application's args are invalid; the message says which key and why."""
 
@@ -113,6 +117,7 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 reason="set in config" if spec.type and spec.family else found.reason,
                 idle_ttl=_idle_ttl(spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl),
                 max_context=spec.max_context,
+                node=spec.node,
                 **features,
             )
         )
@@ -131,18 +136,32 @@ def build_app(args: dict[str, Any]) -> Application:
 def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Application:
     config = load_config(args)
     catalog = build_catalog(config, kinds)
+    selectors = {node.name: node.selector for node in config.nodes}
     models = {
-        entry.id: kinds[entry.type]
-        .deployment.options(
-            name=entry.deployment,
-            max_ongoing_requests=config.max_ongoing_requests,
-            # Only idle replicas are scaled down (the controller waits for requests in
-            # flight), so there is nothing to drain: Serve's 2 s drain loop is pure delay.
-            graceful_shutdown_wait_loop_s=0.1,
-        )
-        .bind(entry, config)
+        entry.id: {
+            node: kinds[entry.type]
+            .deployment.options(
+                name=name,
+                max_ongoing_requests=config.max_ongoing_requests,
+                # Only idle replicas are scaled down (the controller waits for requests in
+                # flight), so there is nothing to drain: Serve's 2 s drain loop is pure delay.
+                graceful_shutdown_wait_loop_s=0.1,
+                ray_actor_options=_on_node(selectors.get(node)),
+            )
+            .bind(entry, config)
+            for node, name in entry.placements(config.node_names).items()
+        }
         for entry in catalog
     }
-    controller = Controller.bind(config, catalog, models)
+    # Several nodes: the controller and the ingress stay on the head, which the fleet cannot lose.
+    head = {"resources": {HEAD_NODE_RESOURCE: 0.001}} if config.nodes else {}
+    controller = Controller.options(ray_actor_options={"num_cpus": 0, **head}).bind(config, catalog, models)
     capabilities = {name: kind.capabilities for name, kind in kinds.items()}
-    return Ingress.bind(config, catalog, capabilities, controller, models)
+    return Ingress.options(ray_actor_options={"num_cpus": 0, **head}).bind(
+        config, catalog, capabilities, controller, models
+    )
+
+
+def _on_node(selector: dict[str, str] | None) -> dict[str, Any]:
+    """A model replica's actor options: on the node whose labels match `selector`, if any."""
+    return {"num_cpus": 0, **({"label_selector": selector} if selector else {})}

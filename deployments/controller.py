@@ -28,11 +28,13 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.model_server import ReplicaState
 from dialects.errors import ApiError, model_not_found
+from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
-from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
+from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.eviction import Insufficient
-from policies.ledger import Lease, Ledger, ModelRecord, Status, Unsized, Wait
-from policies.memory import estimate_model_bytes, format_gb, parse_limit
+from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized, Wait
+from policies.memory import estimate_model_bytes, format_gb
+from policies.nodes import PresentNode
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,39 +49,27 @@ SPARE_GRACE_SECONDS = 5.0
 GAUGE_REPUBLISH_SECONDS = 5.0
 
 
-def memory_limit_bytes(limit: str | int) -> int:
-    """The configured budget; on Apple Silicon never above Metal's recommended working set."""
-    budget = parse_limit(limit, psutil.virtual_memory().total)
-    try:
-        import mlx.core as mx
-
-        if mx.metal.is_available():
-            working_set = mx.metal.device_info().get("max_recommended_working_set_size")
-            if working_set:
-                budget = min(budget, int(working_set))
-    except Exception:  # no Metal here: the CPU backend uses ordinary memory
-        pass
-    return budget
-
-
 def _metrics() -> dict[str, Any]:
     model = ("model",)
+    placed = ("model", "node")  # node: where the model is, or was last (a gauge keeps one series)
+    node = ("node",)
     return {
         "loaded": Gauge("fleet_models_loaded", "Models with weights in memory."),
-        "model_bytes": Gauge("fleet_model_bytes", "Bytes the ledger charges a loaded model.", model),
+        "nodes": Gauge("fleet_nodes_alive", "The fleet's nodes in the cluster."),
+        "model_bytes": Gauge("fleet_model_bytes", "Bytes the ledger charges a loaded model.", placed),
         "prompt_cache_bytes": Gauge(
-            "fleet_model_prompt_cache_bytes", "Bytes of a text model's cached prompts.", model
+            "fleet_model_prompt_cache_bytes", "Bytes of a text model's cached prompts.", placed
         ),
         "kv_bytes": Gauge(
-            "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", model
+            "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", placed
         ),
-        "sequences": Gauge("fleet_model_sequences", "Sequences a text model is generating.", model),
-        "weights_bytes": Gauge("fleet_model_weights_bytes", "Bytes a loaded model's weights took.", model),
+        "sequences": Gauge("fleet_model_sequences", "Sequences a text model is generating.", placed),
+        "weights_bytes": Gauge("fleet_model_weights_bytes", "Bytes a loaded model's weights took.", placed),
         "process_bytes": Gauge(
-            "fleet_model_process_bytes", "A loaded model's replica process, weights included.", model
+            "fleet_model_process_bytes", "A loaded model's replica process, weights included.", placed
         ),
-        "budget": Gauge("fleet_memory_budget_bytes", "The memory limit models share."),
-        "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models."),
+        "budget": Gauge("fleet_memory_budget_bytes", "A node's memory limit (0: not in the cluster).", node),
+        "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models on a node.", node),
         "loads": Counter("fleet_model_loads_total", "Model loads.", model),
         "evictions": Counter(
             "fleet_model_evictions_total", "Models scaled to zero.", ("model", "reason")
@@ -96,12 +86,17 @@ def _metrics() -> dict[str, Any]:
         "expired_leases": Counter(
             "fleet_expired_leases_total", "Leases whose holder stopped renewing them.", model
         ),
+        "lost_nodes": Counter("fleet_node_losses_total", "Nodes that left the cluster.", node),
     }
 
 
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("controller background task failed", exc_info=task.exception())
+
+
+class NodeLost(Exception):
+    """The node a model was loading on left the cluster."""
 
 
 def load_failed(model_id: str, reason: str) -> ApiError:
@@ -120,19 +115,32 @@ def load_failed(model_id: str, reason: str) -> ApiError:
 )
 class Controller:
     def __init__(
-        self, config: AppConfig, catalog: list[ModelEntry], models: dict[str, DeploymentHandle]
+        self,
+        config: AppConfig,
+        catalog: list[ModelEntry],
+        models: dict[str, dict[str, DeploymentHandle]],
     ):
         self.config = config
-        self.models = models
+        self.models = models  # {model id: {node: its deployment there}}
+        several = bool(config.nodes)
         self.ledger = Ledger(
-            memory_limit_bytes(config.memory_limit),
+            0 if several else memory_limit_bytes(config.memory_limit),
             catalog,
             {
                 entry.id: estimate_model_bytes(entry.path, config.replica_overhead_bytes, entry.memory_bytes)
                 for entry in catalog
             },
             lease_ttl=config.lease_ttl_seconds,
+            nodes=config.node_names if several else None,
         )
+        # Several nodes: each is found, budgeted and watched by the monitor; resolved when a
+        # node leaves (loads there stop waiting for it).
+        self.monitor = (
+            NodeMonitor(config.nodes, config.memory_limit, self._node_joined, self._node_lost)
+            if several
+            else None
+        )
+        self._node_gone: dict[str, asyncio.Future] = {}
         self.scaler = ReplicaScaler(serve.get_replica_context().app_name)
         self.metrics = _metrics()
         # Signalled whenever memory, leases or statuses change: waiters re-check.
@@ -143,6 +151,7 @@ class Controller:
         self._ready = asyncio.Event()
         self._background = [
             self._spawn(self._start()),
+            *([self._spawn(self._every(self.monitor.check, NODE_CHECK_SECONDS))] if self.monitor else []),
             self._spawn(self._every(self._expire_leases, config.lease_ttl_seconds / 4)),
             self._spawn(self._every(self._check_replicas, REPLICA_CHECK_SECONDS)),
             self._spawn(self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS)),
@@ -204,7 +213,7 @@ class Controller:
         deadline = time.monotonic() + patience
         while True:
             before = record.held
-            decision = self.ledger.hold(model_id, held, psutil.virtual_memory().available, evict, alone)
+            decision = self.ledger.hold(model_id, held, self._free(), evict, alone)
             if isinstance(decision, Insufficient):
                 self._refuse(model_id, f"{decision.message} (for the KV cache of a request)", retry=True)
             if isinstance(decision, Wait):
@@ -234,8 +243,11 @@ class Controller:
             return held
 
     async def check_replica(self, model_id: str) -> None:
-        """An ingress saw this model's replica fail: check it now rather than at the next round."""
+        """An ingress saw this model's replica fail: check it now rather than at the next round
+        (first whether its node is still there)."""
         record = self._record(model_id)
+        if self.monitor and record.node and not await self.monitor.confirm(record.node):
+            return  # the node is gone, and the model with it
         if record.status == Status.LOADED:
             await asyncio.shield(self._single_flight(self._checking, model_id, self._check_replica))
 
@@ -252,7 +264,7 @@ class Controller:
     # -- admin ----------------------------------------------------------------------------------
 
     async def admin_view(self) -> dict[str, Any]:
-        return self.ledger.view(time.time(), psutil.virtual_memory().available)
+        return self.ledger.view(time.time(), self._free())
 
     async def preload(self, model_id: str, pin: bool = True) -> None:
         """Load a model now; pinned, it keeps its replica until unloaded through the admin API."""
@@ -331,31 +343,41 @@ class Controller:
 
     async def _load(self, model_id: str) -> None:
         record = self.ledger[model_id]
-        while model_id in self._unloading:  # an admin unload or an eviction is still running
-            await asyncio.wait([self._unloading[model_id]])
-        if record.status == Status.LOADED:
-            return
         started = time.perf_counter()
-        if record.status == Status.UNLOADED:
-            victims = await self._admit(record)
-            failed = await self._evict_all(victims, "lru")
-            if failed:
-                self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
-                await self._notify()
-                raise load_failed(model_id, f"could not unload {failed} to make room")
-        # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
-        try:
-            await self.scaler.scale(record.entry.deployment, 1)
-            # The call waits in Serve's router until the replica can take it: no polling for
-            # the replica to run, the load starts the moment it does.
-            report = await asyncio.wait_for(self.models[model_id].load.remote(), SCALE_TIMEOUT_SECONDS)
-        except Exception as error:
-            cause = getattr(error, "cause", None) or error
-            reason = f"{type(cause).__name__}: {cause}"
-            logger.error("loading model %s failed: %s", model_id, reason)
-            self.ledger.fail_load(model_id, reason)
-            await asyncio.wait([self._evict(model_id, "load_failed")])
-            raise load_failed(model_id, reason) from None
+        while True:
+            while model_id in self._unloading:  # an admin unload or an eviction is still running
+                await asyncio.wait([self._unloading[model_id]])
+            if record.status == Status.LOADED:
+                return
+            if record.status == Status.UNLOADED:
+                victims = await self._admit(record)
+                failed = await self._evict_all(victims, "lru")
+                if failed:
+                    self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
+                    await self._notify()
+                    raise load_failed(model_id, f"could not unload {failed} to make room")
+            # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
+            node = record.node
+            if node is None:  # its node left while room was made there: place it again
+                continue
+            try:
+                await self.scaler.scale(self._deployment(record), 1)
+                # The call waits in Serve's router until the replica can take it: no polling for
+                # the replica to run, the load starts the moment it does.
+                report = await self._unless_node_lost(
+                    node, asyncio.wait_for(self._handle(record).load.remote(), SCALE_TIMEOUT_SECONDS)
+                )
+            except Exception as error:
+                if record.node != node:  # the ledger has unloaded it with its node
+                    logger.warning("node %s left while model %s was loading there; placing it again", node, model_id)
+                    continue
+                cause = getattr(error, "cause", None) or error
+                reason = f"{type(cause).__name__}: {cause}"
+                logger.error("loading model %s failed: %s", model_id, reason)
+                self.ledger.fail_load(model_id, reason)
+                await asyncio.wait([self._evict(model_id, "load_failed")])
+                raise load_failed(model_id, reason) from None
+            break
         seconds = time.perf_counter() - started
         self.ledger.finish_load(model_id, report.measured(), time.time())
         if report.usage is not None:
@@ -363,14 +385,15 @@ class Controller:
         self.metrics["loads"].inc(tags={"model": model_id})
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
         logger.info(
-            "loaded model %s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
+            "loaded model %s%s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
             model_id,
+            f" on node {node}" if self.monitor else "",
             seconds,
             format_gb(record.cost),
             format_gb(report.process_bytes),
             format_gb(report.weights_bytes),
-            format_gb(self.ledger.used()),
-            format_gb(self.ledger.limit),
+            format_gb(self.ledger.used(node)),
+            format_gb(self.ledger.nodes[node].limit),
         )
         await self._notify()
 
@@ -382,7 +405,13 @@ class Controller:
         """
         deadline = time.monotonic() + self.config.load_wait_seconds
         while True:
-            decision = self.ledger.admit(record.id, psutil.virtual_memory().available)
+            decision = self.ledger.admit(record.id, self._free())
+            if isinstance(decision, NoNode):
+                self.metrics["refusals"].inc(tags={"model": record.id})
+                raise ApiError(
+                    503, decision.message, "node_unavailable", param="model", code="node_unavailable",
+                    headers={"retry-after": "5"},
+                )
             if isinstance(decision, Unsized):
                 raise load_failed(
                     record.id,
@@ -461,7 +490,9 @@ class Controller:
         """If Serve does not get there, the ledger takes what Serve really runs."""
         record = self.ledger[model_id]
         try:
-            seconds = await self.scaler.scale_and_wait(record.entry.deployment, 0)
+            seconds = await self.scaler.scale_and_wait(self._deployment(record), 0)
+            if record.status != Status.UNLOADING:
+                return  # its node left meanwhile, and the ledger let it go with it
         except Exception as error:
             logger.error("unloading model %s failed: %r", model_id, error)
             await self._restore_from_serve(model_id, f"scaling to zero failed: {error}")
@@ -527,17 +558,18 @@ class Controller:
         except ApiError as error:
             logger.error("reloading model %s failed: %s", model_id, error.message)
 
-    async def _replica_state(self, model_id: str) -> ReplicaState | None:
+    async def _replica_state(self, model_id: str, node: str | None = None) -> ReplicaState | None:
+        """The state of the model's replica on `node` (default: where the ledger has it)."""
         try:
             return await asyncio.wait_for(
-                self.models[model_id].state.remote(), REPLICA_ANSWER_SECONDS
+                self._handle(self.ledger[model_id], node).state.remote(), REPLICA_ANSWER_SECONDS
             )
         except Exception as error:  # dead, restarting or stuck: the caller decides
             logger.info("model %s's replica did not answer: %r", model_id, error)
             return None
 
     async def _has_running_replica(self, record: ModelRecord) -> bool:
-        return (await self.scaler.running()).get(record.entry.deployment, 0) > 0
+        return (await self.scaler.running()).get(self._deployment(record), 0) > 0
 
     # -- start, restart and expiry --------------------------------------------------------------
 
@@ -547,50 +579,75 @@ class Controller:
         At a fresh start every model deployment has one replica without weights. After a
         controller restart some replicas hold weights (adopted as loaded, with the leases of
         the requests they serve) and some are starting or loading (their load finishes).
+        With several nodes, the nodes in the cluster are found first; the deployments on
+        nodes that are not there are scaled to zero (their replicas could never start).
         """
+        if self.monitor:
+            await self.monitor.check()
+            absent = [
+                placement_name(r.entry.deployment, node)
+                for r in self.ledger.models.values()
+                for node in self.models[r.id]
+                if not self.ledger.nodes[node].alive
+            ]
+            await asyncio.gather(*(self.scaler.scale(name, 0) for name in absent), return_exceptions=True)
         await self.scaler.wait_until_app_settled()
         replicas = await self.scaler.replica_states()
         now = time.time()
-        records = list(self.ledger.models.values())
-        running = [replicas.get(r.entry.deployment, {}).get(ReplicaScaler.RUNNING, 0) for r in records]
+        placements = [
+            (record, node, replicas.get(placement_name(record.entry.deployment, node), {}))
+            for record in self.ledger.models.values()
+            for node in self.models[record.id]
+        ]
         states = await asyncio.gather(
-            *(self._replica_state(r.id) if n else asyncio.sleep(0) for r, n in zip(records, running))
+            *(
+                self._replica_state(record.id, node) if counts.get(ReplicaScaler.RUNNING) else asyncio.sleep(0)
+                for record, node, counts in placements
+            )
         )
-        spares: list[str] = []
-        for record, replicas_running, state in zip(records, running, states):
-            counts = replicas.get(record.entry.deployment, {})
-            starting = sum(counts.values()) - replicas_running - counts.get(ReplicaScaler.STOPPING, 0)
-            if state is not None and state.weights != "none":
+        spares: list[tuple[str, str]] = []
+        for (record, node, counts), state in zip(placements, states):
+            running = counts.get(ReplicaScaler.RUNNING, 0)
+            starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
+            if record.status != Status.UNLOADED:  # found on another node already
+                if running or starting:
+                    spares.append((record.id, node))
+            elif state is not None and state.weights != "none":
                 status = Status.LOADED if state.weights == "loaded" else Status.LOADING
                 measured = state.report.measured() if state.report else None
-                self.ledger.adopt(record.id, status, measured, state.leases, now)
+                self.ledger.adopt(record.id, status, measured, state.leases, now, node)
                 if state.usage is not None:
                     self.ledger.report_usage(record.id, state.usage)
-            elif starting and not replicas_running:
+            elif starting and not running and self.ledger.nodes[node].alive:
                 # A previous controller was starting this model for a request: finish the load.
-                self.ledger.adopt(record.id, Status.LOADING, None, [], now)
-            elif replicas_running:
-                spares.append(record.id)
+                self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
+            elif running:
+                spares.append((record.id, node))
+        records = list(self.ledger.models.values())
         for record in records:
             if record.status == Status.LOADING:
                 self._single_flight(self._loading, record.id, self._load)
         logger.info(
-            "controller ready: budget %s, adopted %s, %d replicas without weights",
+            "controller ready: budget %s on %d node(s), adopted %s, %d replicas without weights",
             format_gb(self.ledger.limit),
+            sum(n.alive for n in self.ledger.nodes.values()),
             [r.id for r in records if r.holds_memory] or "no loaded models",
             len(spares),
         )
         self._ready.set()
         await self._notify()
         self._spawn(self._retire_spares(spares))
-        for record in records:
+        await self._load_pinned()
+
+    async def _load_pinned(self) -> None:
+        for record in self.ledger.models.values():
             if record.pinned and record.status != Status.LOADED:
                 try:
                     await self.preload(record.id)
                 except ApiError as error:
                     logger.error("pinned model %s not loaded: %s", record.id, error.message)
 
-    async def _retire_spares(self, model_ids: list[str]) -> None:
+    async def _retire_spares(self, spares: list[tuple[str, str]]) -> None:
         """Stop the weightless replicas found at start, unless a request wanted one first.
 
         A request that comes within SPARE_GRACE_SECONDS (the first after start, or one that
@@ -598,19 +655,22 @@ class Controller:
         rather than waiting for a new process.
         """
         await asyncio.sleep(SPARE_GRACE_SECONDS)
-        retiring = [
-            model_id
-            for model_id in model_ids
-            if self.ledger[model_id].status == Status.UNLOADED and model_id not in self._loading
-        ]
+        retiring: dict[str, list[str]] = {}
+        for model_id, node in spares:
+            if self.ledger[model_id].node != node and model_id not in self._loading:
+                deployment = placement_name(self.ledger[model_id].entry.deployment, node)
+                retiring.setdefault(model_id, []).append(deployment)
+        # One unloading task per model: a load of it waits for all of its spares to stop.
         tasks = [
-            self._unloading_task(m, self.scaler.scale_and_wait(self.ledger[m].entry.deployment, 0))
-            for m in retiring
+            self._unloading_task(
+                model_id, asyncio.gather(*(self.scaler.scale_and_wait(name, 0) for name in deployments))
+            )
+            for model_id, deployments in retiring.items()
         ]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         stuck = [m for m, result in zip(retiring, results) if isinstance(result, BaseException)]
         logger.info(
-            "stopped %d replicas without weights%s",
+            "stopped the replicas without weights of %d models%s",
             len(retiring) - len(stuck),
             f"; Serve is still stopping {stuck}" if stuck else "",
         )
@@ -642,6 +702,51 @@ class Controller:
             except Exception:  # one failed round must not end the loop
                 logger.exception("controller task %s failed; next round in %.1f s", work.__name__, seconds)
 
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def _deployment(self, record: ModelRecord, node: str | None = None) -> str:
+        return placement_name(record.entry.deployment, node or record.node or LOCAL_NODE)
+
+    def _handle(self, record: ModelRecord, node: str | None = None) -> DeploymentHandle:
+        return self.models[record.id][node or record.node or LOCAL_NODE]
+
+    def _free(self) -> Free:
+        """What each node's OS reports free: measured here on one machine, by the probes on several."""
+        return self.monitor.free if self.monitor else psutil.virtual_memory().available
+
+    async def _unless_node_lost(self, node: str, work: Awaitable[Any]) -> Any:
+        """`work`'s result, or NodeLost once `node` has left the cluster (a call waiting for a
+        replica there would wait for good)."""
+        gone = self._node_gone.setdefault(node, asyncio.get_running_loop().create_future())
+        task = asyncio.ensure_future(work)
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            raise NodeLost(node)
+        return task.result()
+
+    async def _node_joined(self, node: PresentNode, budget: int) -> None:
+        self.ledger.join(node.name, node.node_id, node.labels, budget)
+        self._node_gone.pop(node.name, None)
+        await self._notify()
+        if self._ready.is_set():  # at start, `_start` loads them once every node is found
+            self._spawn(self._load_pinned())
+
+    async def _node_lost(self, name: str) -> None:
+        """Its models are unloaded, their loads placed again elsewhere; their deployments
+        there go to zero, so that a node coming back starts with nothing."""
+        lost = self.ledger.lose(name, time.time())
+        self.metrics["lost_nodes"].inc(tags={"node": name})
+        gone = self._node_gone.pop(name, None)
+        if gone is not None and not gone.done():
+            gone.set_result(None)
+        for model_id in self.models:
+            if name in self.models[model_id]:
+                self._spawn(self.scaler.scale(placement_name(self.ledger[model_id].entry.deployment, name), 0))
+        if lost:
+            logger.warning("models unloaded with node %s: %s", name, ", ".join(lost))
+        await self._notify()
+
     # -- accounting -----------------------------------------------------------------------------
 
     def _spawn(self, work: Awaitable[Any], log: bool = True) -> asyncio.Task:
@@ -661,11 +766,13 @@ class Controller:
 
     def _update_gauges(self) -> None:
         models = self.ledger.models.values()
-        self.metrics["budget"].set(self.ledger.limit)
-        self.metrics["used"].set(self.ledger.used())
         self.metrics["loaded"].set(sum(r.status == Status.LOADED for r in models))
+        self.metrics["nodes"].set(sum(n.alive for n in self.ledger.nodes.values()))
+        for node in self.ledger.nodes.values():
+            self.metrics["budget"].set(node.limit if node.alive else 0, tags={"node": node.name})
+            self.metrics["used"].set(self.ledger.used(node.name), tags={"node": node.name})
         for r in models:
-            tags = {"model": r.id}
+            tags = {"model": r.id, "node": r.node or r.last_node or ("none" if self.monitor else LOCAL_NODE)}
             self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags=tags)
             self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
             self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.leases import Hold, LeaseKeeper
+from deployments.leases import Hold, LeaseKeeper, LeaseLost
 from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
@@ -146,7 +146,7 @@ class Ingress:
         catalog: list[ModelEntry],
         capabilities: dict[str, Capabilities],
         controller: DeploymentHandle,
-        models: dict[str, DeploymentHandle],
+        models: dict[str, dict[str, DeploymentHandle]],
     ):
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
@@ -228,8 +228,8 @@ class Ingress:
         entry = self._entry(body.model, EMBEDDINGS)
         lease = await self.leases.acquire(entry.id)
         try:
-            embedded = await self.models[entry.id].embed.remote(body.texts, lease.id)
-        except RayActorError:
+            embedded = await self.leases.guarded(lease, self._model(lease).embed.remote(body.texts, lease.id))
+        except (RayActorError, LeaseLost):
             self._model_failed(entry.id)
         finally:
             self.leases.release(lease)
@@ -290,8 +290,8 @@ class Ingress:
         self._check(entry, job, body.needs(), body.constraint_param)
         lease = await self.leases.acquire(entry.id)
         try:
-            tokens = await self.models[entry.id].count_tokens.remote(job, lease.id)
-        except RayActorError:
+            tokens = await self.leases.guarded(lease, self._model(lease).count_tokens.remote(job, lease.id))
+        except (RayActorError, LeaseLost):
             self._model_failed(entry.id)
         finally:
             self.leases.release(lease)
@@ -488,11 +488,11 @@ class Ingress:
         """Generate under a lease and answer in the reply's dialect, whole or streamed.
         `after(events)` runs once the answer is complete (Responses keeps it)."""
         lease = await self.leases.acquire(entry.id)
-        handle = self.models[entry.id]
+        handle = self._model(lease)
         if not stream:
             try:
-                events = await handle.generate.remote(job, lease.id)
-            except RayActorError:
+                events = await self.leases.guarded(lease, handle.generate.remote(job, lease.id))
+            except (RayActorError, LeaseLost):
                 self._model_failed(entry.id)
             finally:
                 self.leases.release(lease)
@@ -504,11 +504,11 @@ class Ingress:
         try:
             # Errors before the first token (bad template, context too long) still get a
             # proper status code instead of a 200 stream carrying an error.
-            first = await batches.__anext__()
+            first = await self.leases.guarded(lease, batches.__anext__())
         except BaseException as error:
             batches.cancel()
             self.leases.release(lease)
-            if isinstance(error, RayActorError):
+            if isinstance(error, (RayActorError, LeaseLost)):
                 self._model_failed(entry.id)
             raise
         stream_body = self._sse(entry.id, lease, first, batches, reply, after)
@@ -556,6 +556,10 @@ class Ingress:
         if after is not None:
             await after(events)
 
+    def _model(self, lease: Hold) -> DeploymentHandle:
+        """The deployment of the lease's model on the node the controller placed it."""
+        return self.models[lease.model][lease.node]
+
     def _model_failed(self, model_id: str) -> NoReturn:
         """A model call failed because its replica died: 503 for this request."""
         raise self._model_lost(model_id) from None
@@ -570,5 +574,7 @@ class Ingress:
     async def _check_replica(self, model_id: str) -> None:
         try:
             await self.controller.check_replica.remote(model_id)
+            # Its node may have left, taking the lease along: later requests must not use it.
+            await self.leases.renew()
         except Exception as error:  # the controller's own round checks it again soon
             logger.warning("asking the controller to check model %s failed: %r", model_id, error)

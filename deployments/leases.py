@@ -7,6 +7,9 @@ lease, released exactly once; the lease itself goes back to the controller when 
 hold is gone for `LINGER_SECONDS`. Held leases are renewed while in use; the controller
 expires leases that stop being renewed, so whatever happens to this process a model is never
 held longer than `lease_ttl` by requests that are gone.
+
+A lease the controller no longer knows (its model's node left the cluster) is lost: calls
+made under it (`guarded`) stop waiting for a replica that will not come.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -26,11 +29,17 @@ from policies.ledger import Lease
 
 logger = logging.getLogger("ray.serve")
 
+T = TypeVar("T")
+
 RELEASE_ATTEMPTS = 3
 CONTROLLER_RETRY_SECONDS = 0.5
 # A lease kept this long after its last request, for the next one: back-to-back requests
 # skip the controller, and an eviction of the model waits at most this much longer.
 LINGER_SECONDS = 0.25
+
+
+class LeaseLost(Exception):
+    """The controller took the lease back: its model's node left, or it expired."""
 
 
 def controller_gone(error: BaseException) -> bool:
@@ -53,10 +62,15 @@ class Hold:
     def model(self) -> str:
         return self.lease.model
 
+    @property
+    def node(self) -> str:
+        return self.lease.node
+
 
 @dataclass
 class _Shared:
     lease: Lease
+    lost: asyncio.Future
     holds: int = 0
     linger: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -106,6 +120,24 @@ class LeaseKeeper:
         if shared.holds == 0:
             shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
 
+    async def guarded(self, hold: Hold, work: Awaitable[T]) -> T:
+        """`work`'s result, unless the hold's lease is lost first: then `work` is cancelled
+        and LeaseLost raised."""
+        shared = self._shared.get(hold.model)
+        task = asyncio.ensure_future(work)
+        if shared is None or shared.lease.id != hold.id:
+            task.cancel()
+            raise LeaseLost(hold.id)
+        try:
+            await asyncio.wait([task, shared.lost], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request was cancelled: so is its call
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            raise LeaseLost(hold.id)
+        return task.result()
+
     def release_when_collected(self, owner: Any, hold: Hold) -> None:
         """Release the hold when `owner` is garbage: a response body that never ran its
         `finally` (the client left before the body started) still gives its hold back."""
@@ -124,7 +156,7 @@ class LeaseKeeper:
         self._granting.pop(model_id, None)
         if task.cancelled() or task.exception() is not None:
             return
-        shared = _Shared(task.result())
+        shared = _Shared(task.result(), self._loop.create_future())
         self._shared[model_id] = shared
         # Until a waiting request takes a hold, the lease lingers like an idle one.
         shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
@@ -159,21 +191,27 @@ class LeaseKeeper:
     async def _renew_while_held(self) -> None:
         while self._shared:
             await asyncio.sleep(self.renew_every)
-            held = {s.lease.id: model for model, s in self._shared.items()}
-            if not held:
-                return
-            try:
-                lost = await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
-            except Exception as error:  # the next round tries again; expiry is far away
-                logger.warning("renewing %d lease(s) failed: %r", len(held), error)
-                continue
-            for lease_id in lost:
-                # The controller no longer knows it (expired while it was unreachable): the
-                # next request asks for a new one.
-                model = held[lease_id]
-                if self._shared.get(model) is not None and self._shared[model].lease.id == lease_id:
-                    logger.warning("lease %s on model %s was lost; taking a new one", lease_id, model)
-                    del self._shared[model]
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Extend the held leases now; the ones the controller no longer knows are lost."""
+        held = {s.lease.id: model for model, s in self._shared.items()}
+        if not held:
+            return
+        try:
+            lost = await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
+        except Exception as error:  # the next round tries again; expiry is far away
+            logger.warning("renewing %d lease(s) failed: %r", len(held), error)
+            return
+        for lease_id in lost:
+            # The controller no longer knows it (expired while it was unreachable): the
+            # next request asks for a new one.
+            model = held[lease_id]
+            shared = self._shared.get(model)
+            if shared is not None and shared.lease.id == lease_id:
+                logger.warning("lease %s on model %s was lost; taking a new one", lease_id, model)
+                del self._shared[model]
+                shared.lost.set_result(None)
 
     async def _send_release(self, lease: Lease) -> None:
         for attempt in range(RELEASE_ATTEMPTS):

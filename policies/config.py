@@ -13,6 +13,10 @@ from policies.memory import parse_limit, parse_size
 # Names of the application's own deployments; a model id may not take them.
 INGRESS_NAME = "fleet-ingress"
 CONTROLLER_NAME = "fleet-controller"
+# The Ray node label that names a fleet node: `ray start --labels mlx-fleet/node=studio`.
+NODE_LABEL = "mlx-fleet/node"
+# The one node of a fleet whose config lists no `nodes`: wherever Ray runs the models.
+LOCAL_NODE = "local"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -46,6 +50,33 @@ def deployment_name(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", model_id.replace("/", "--"))
 
 
+def placement_name(deployment: str, node: str) -> str:
+    """The deployment of a model on one node ("org--model@studio"): which model runs where,
+    readable in the dashboard. A one-node fleet keeps the model's own name."""
+    return deployment if node == LOCAL_NODE else f"{deployment}@{node}"
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$",
+        description=f"The node's name; Ray nodes started with `--labels {NODE_LABEL}=<name>` are it.",
+    )
+    memory_limit: Limit | None = Field(
+        default=None, description="This node's budget; default: `memory_limit` of its own memory."
+    )
+    labels: dict[str, str] | None = Field(
+        default=None,
+        description=f"Ray node labels that select this node, instead of {{{NODE_LABEL}: <name>}} "
+        "(e.g. {'ray.io/node-id': '<id>'}).",
+    )
+
+    @property
+    def selector(self) -> dict[str, str]:
+        return self.labels or {NODE_LABEL: self.name}
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +97,7 @@ class ModelSpec(BaseModel):
         description="Tokens of prompt plus completion this model accepts, below its own "
         "context length: bounds the KV memory one request can claim.",
     )
+    node: str | None = Field(default=None, description="Load this model only on this node (of `nodes`).")
 
     @field_validator("id")
     @classmethod
@@ -84,6 +116,10 @@ class AppConfig(BaseModel):
 
     models: list[ModelSpec] = Field(min_length=1)
     memory_limit: Limit = "75%"
+    nodes: list[NodeSpec] = Field(
+        default_factory=list,
+        description="The Ray nodes models may run on, each with its own budget; none: one node.",
+    )
     image_max_side: int = Field(default=2048, ge=64, le=16384)
     image_max_bytes: Size = Field(default="20MB", description="Largest image, encoded.")
     image_fetch_timeout: Duration = Field(default="10s", description="Per attempt, per image URL.")
@@ -178,7 +214,20 @@ class AppConfig(BaseModel):
                     f"(both become deployment {name!r}); ids must be unique"
                 )
             seen[name] = spec.id
+        names = [node.name for node in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must be unique, got {names}")
+        for spec in self.models:
+            if spec.node is not None and spec.node not in names:
+                raise ValueError(
+                    f"model {spec.id!r} names node {spec.node!r}, which is not in `nodes` "
+                    f"({', '.join(names) or 'none configured'})"
+                )
         return self
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.nodes] or [LOCAL_NODE]
 
     @property
     def max_request_bytes(self) -> int:
@@ -231,3 +280,8 @@ class ModelEntry:
     think: tuple[str, str] | None = None  # text models: the markers around their reasoning
     context_length: int | None = None  # the model's, capped by `max_context`
     max_context: int | None = None
+    node: str | None = None  # the only node it may run on
+
+    def placements(self, nodes: list[str]) -> dict[str, str]:
+        """{node: the model's deployment there} for the nodes it may run on."""
+        return {node: placement_name(self.deployment, node) for node in nodes if self.node in (None, node)}

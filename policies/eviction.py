@@ -36,10 +36,12 @@ class Insufficient:
 
     need: int
     available: int
+    node: str | None = None  # where it came closest, when the fleet has several nodes
 
     @property
     def message(self) -> str:
-        return f"need {format_gb(self.need)}, only {format_gb(self.available)} available after eviction"
+        where = f" on node {self.node}" if self.node else ""
+        return f"need {format_gb(self.need)}, only {format_gb(self.available)} available after eviction{where}"
 
 
 def headroom(residents: list[Resident], limit: int, os_available: int | None = None) -> int:

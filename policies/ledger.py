@@ -11,6 +11,9 @@ Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment o
   loading ones, or refuse what cannot fit even when everything unpinned is gone.
 - A loaded text model also holds what its replica was granted by `hold` for the KV of the
   sequences it runs and for its prompt cache; growth is admitted like a load.
+- Each node has its own budget. A load is placed on the node where it fits after the fewest
+  evictions (then the node it last ran on, then the most room left); eviction, KV growth and
+  memory other programs use are counted per node. A node that leaves takes its models along.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from policies.config import ModelEntry
+from policies.config import LOCAL_NODE, ModelEntry
 from policies.eviction import Evict, Insufficient, Resident, headroom, plan
 from policies.kv import Usage
 
@@ -30,6 +33,10 @@ logger = logging.getLogger("ray.serve")
 
 # Released lease ids remembered so that a renewal racing the release cannot revive them.
 RELEASED_MEMORY = 100_000
+
+# What the operating system reports free: one figure for every node (they share one machine),
+# or one per node; a node missing from the mapping is bounded by its budget alone.
+Free = int | Mapping[str, int]
 
 
 class Status(str, Enum):
@@ -49,6 +56,7 @@ ALLOWED = {
     (Status.LOADING, Status.UNLOADED),  # the load failed and no replica is left
     (Status.LOADED, Status.LOADING),  # the replica was replaced without weights: reload
     (Status.LOADED, Status.UNLOADING),  # evicted, unloaded by an admin, or idle too long
+    (Status.LOADED, Status.UNLOADED),  # its node left the cluster, replica and all
     (Status.UNLOADING, Status.UNLOADED),
     (Status.UNLOADING, Status.LOADED),  # scaling down failed and the weights are still there
 }
@@ -75,6 +83,7 @@ class Lease:
     id: str
     model: str
     ttl: float
+    node: str = LOCAL_NODE  # where the model runs: the request goes to its deployment there
 
 
 @dataclass
@@ -96,12 +105,34 @@ class Unsized:
     """Nothing says what the model will cost (its files are not on disk, no `memory:` set)."""
 
 
+@dataclass(frozen=True)
+class NoNode:
+    """No node the model may run on is in the cluster."""
+
+    message: str
+
+
+@dataclass
+class NodeRecord:
+    """A node of the fleet: its own budget, and whether Ray has it now."""
+
+    name: str
+    limit: int
+    alive: bool
+    node_id: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    joins: int = 0
+    losses: int = 0
+
+
 @dataclass
 class ModelRecord:
     entry: ModelEntry
     estimated_bytes: int | None  # None: no files on disk to estimate from
     pinned: bool
     status: Status = Status.UNLOADED
+    node: str | None = None  # where it holds memory
+    last_node: str | None = None  # where it was placed last: its prompt cache is saved there
     leases: set[str] = field(default_factory=set)
     waiting: int = 0  # acquirers waiting for this model's load
     last_used: float | None = None
@@ -157,10 +188,22 @@ class ModelRecord:
 
 class Ledger:
     def __init__(
-        self, limit: int, entries: list[ModelEntry], estimates: dict[str, int | None], lease_ttl: float
+        self,
+        limit: int,
+        entries: list[ModelEntry],
+        estimates: dict[str, int | None],
+        lease_ttl: float,
+        nodes: Sequence[str] | None = None,
     ):
-        self.limit = limit
+        """`limit` is the one node's budget; with `nodes`, each is absent with no budget
+        until it `join`s with its own."""
         self.lease_ttl = lease_ttl
+        self.several_nodes = nodes is not None
+        self.nodes = (
+            {name: NodeRecord(name, 0, alive=False) for name in nodes}
+            if nodes is not None
+            else {LOCAL_NODE: NodeRecord(LOCAL_NODE, limit, alive=True)}
+        )
         self.models = {
             entry.id: ModelRecord(entry, estimates[entry.id], entry.pinned) for entry in entries
         }
@@ -182,8 +225,9 @@ class Ledger:
         logger.info("model %s: %s -> %s (%s)", record.id, record.status.value, status.value, reason)
         record.status = status
 
-    def admit(self, model_id: str, os_available: int) -> Evict | Wait | Insufficient | Unsized:
-        """Decide whether an unloaded model may load now; on `Evict`, claim its room.
+    def admit(self, model_id: str, os_available: Free) -> Evict | Wait | Insufficient | Unsized | NoNode:
+        """Decide whether an unloaded model may load now, and on which node; on `Evict`, claim
+        its room there (the model's `node`).
 
         Claiming marks the victims unloading and the model loading in one step, so two
         admissions can never plan with the same free bytes.
@@ -193,24 +237,51 @@ class Ledger:
             raise LedgerError(f"model {model_id} is {record.status.value}, not unloaded")
         if not record.sized:
             return Unsized()
-        others = [r for r in self.models.values() if r.holds_memory]
-        available = self._os_available(os_available)
-        decision = plan([self._resident(r) for r in others], record.cost, self.limit, available)
-        if isinstance(decision, Insufficient):
-            # Busy and loading models finish in time; only pinned ones stay for good.
+        nodes = [n for n in self.nodes.values() if n.alive and record.entry.node in (None, n.name)]
+        if not nodes:
+            where = f"node {record.entry.node} is" if record.entry.node else "none of the fleet's nodes is"
+            return NoNode(f"model {model_id} cannot load: {where} in the cluster now")
+        placements, refusals_now = [], {}
+        for node in nodes:
+            residents = self._residents(node.name)
+            available = self._os_available(os_available, node.name)
+            decision = plan(residents, record.cost, node.limit, available)
+            if isinstance(decision, Insufficient):
+                refusals_now[node.name] = decision
+            else:
+                left = headroom(
+                    [r for r in residents if r.id not in decision.victims], node.limit, available
+                ) - record.cost
+                preference = (len(decision.victims), node.name != record.last_node, -left, node.name)
+                placements.append((preference, node.name, decision))
+        if placements:
+            _, node_name, decision = min(placements)
+            for victim in decision.victims:
+                self._move(self.models[victim], Status.UNLOADING, f"evicted to fit {model_id}")
+            record.node = record.last_node = node_name
+            evicted = f" after evicting {', '.join(decision.victims)}" if decision.victims else ""
+            on_node = f" on node {node_name}" if self.several_nodes else ""
+            self._move(record, Status.LOADING, f"admitted{on_node}{evicted}")
+            return decision
+        # Busy and loading models finish in time; only pinned ones stay for good. What cannot
+        # fit on any node is refused with the room the best one leaves once every unpinned
+        # model there is gone.
+        refusals = []
+        for node in nodes:
             eventually = plan(
-                [self._resident(r, eventually_idle=True) for r in others],
+                self._residents(node.name, eventually_idle=True),
                 record.cost,
-                self.limit,
-                available,
+                node.limit,
+                self._os_available(os_available, node.name),
             )
-            # What cannot fit is refused with the room left once every unpinned model is gone.
-            return eventually if isinstance(eventually, Insufficient) else Wait(decision.message)
-        for victim in decision.victims:
-            self._move(self.models[victim], Status.UNLOADING, f"evicted to fit {model_id}")
-        evicted = f" after evicting {', '.join(decision.victims)}" if decision.victims else ""
-        self._move(record, Status.LOADING, f"admitted{evicted}")
-        return decision
+            if not isinstance(eventually, Insufficient):
+                return Wait(self._on(refusals_now[node.name], node.name).message)
+            refusals.append(self._on(eventually, node.name))
+        return max(refusals, key=lambda refusal: refusal.available)
+
+    def _on(self, refusal: Insufficient, node: str) -> Insufficient:
+        """The refusal naming its node when there are several."""
+        return Insufficient(refusal.need, refusal.available, node if self.several_nodes else None)
 
     def finish_load(self, model_id: str, measured: Measured, now: float) -> None:
         record = self.models[model_id]
@@ -257,12 +328,14 @@ class Ledger:
         record = self.models[model_id]
         if evicted:
             record.evictions += 1
-        record.held, record.usage = 0, Usage()
+        record.held, record.usage, record.node = 0, Usage(), None
         self._move(record, Status.UNLOADED, reason)
 
     def restore(self, model_id: str, status: Status, reason: str) -> None:
         """Set what Serve really runs after a scaling call failed or timed out."""
         record = self.models[model_id]
+        if status == Status.UNLOADED:
+            record.node = None
         if record.status != status:
             self._move(record, status, reason)
 
@@ -273,14 +346,17 @@ class Ledger:
         measured: Measured | None,
         lease_ids: list[str],
         now: float,
+        node: str = LOCAL_NODE,
     ) -> None:
-        """Take over a model a previous controller left running, with its live requests."""
+        """Take over a model a previous controller left running on `node`, with its live
+        requests."""
         record = self.models[model_id]
         record.measured = measured or record.measured
         record.last_used = now
-        self._move(record, status, "adopted from a running replica")
+        record.node = record.last_node = node
+        self._move(record, status, "adopted from a running replica" + (f" on node {node}" if self.several_nodes else ""))
         for lease_id in lease_ids:
-            self._add_lease(Lease(lease_id, model_id, self.lease_ttl), now)
+            self._add_lease(Lease(lease_id, model_id, self.lease_ttl, node), now)
 
     def take_idle(self, now: float) -> list[str]:
         """Models unused for longer than their idle TTL, marked unloading."""
@@ -292,7 +368,7 @@ class Ledger:
     # -- what a loaded model holds ------------------------------------------------------------
 
     def hold(
-        self, model_id: str, held: int, os_available: int, evict: bool = True, alone: int | None = None
+        self, model_id: str, held: int, os_available: Free, evict: bool = True, alone: int | None = None
     ) -> Evict | Wait | Insufficient:
         """A loaded model's replica asks to hold `held` bytes beyond its process (KV of its
         sequences and its prompt cache): granted on `Evict(())`; on `Evict(victims)` the
@@ -314,9 +390,10 @@ class Ledger:
         if growth <= 0:
             record.held = held
             return Evict(())
-        others = [r for r in self.models.values() if r.holds_memory]
-        available = self._os_available(os_available)
-        decision = plan([self._resident(r) for r in others], growth, self.limit, available)
+        node = self.nodes[record.node]
+        others = [r for r in self.models.values() if r.holds_memory and r.node == node.name]
+        available = self._os_available(os_available, node.name)
+        decision = plan([self._resident(r) for r in others], growth, node.limit, available)
         if isinstance(decision, Insufficient):
             # Once everything else is idle and this model's own sequences are done, only its
             # process and prompt cache stay (and it is no candidate for eviction itself).
@@ -329,12 +406,12 @@ class Ledger:
                     for r in others
                 ],
                 (held if alone is None else alone) - record.usage.prompt_cache_bytes,
-                self.limit,
-                available + record.held - record.usage.prompt_cache_bytes,
+                node.limit,
+                None if available is None else available + record.held - record.usage.prompt_cache_bytes,
             )
             if isinstance(eventually, Insufficient):
-                return Insufficient(need=growth, available=eventually.available)
-            return Wait(decision.message)
+                return self._on(Insufficient(need=growth, available=eventually.available), node.name)
+            return Wait(self._on(decision, node.name).message)
         if decision.victims and not evict:
             return Wait(f"would evict {', '.join(decision.victims)}")
         for victim in decision.victims:
@@ -361,7 +438,7 @@ class Ledger:
         record = self.models[model_id]
         if record.status != Status.LOADED:
             raise LedgerError(f"model {model_id} is {record.status.value}; leases need it loaded")
-        lease = Lease(uuid.uuid4().hex, model_id, self.lease_ttl)
+        lease = Lease(uuid.uuid4().hex, model_id, self.lease_ttl, record.node)
         self._add_lease(lease, now)
         return lease
 
@@ -383,7 +460,7 @@ class Ledger:
                 and model_id in self.models
                 and self.models[model_id].status == Status.LOADED
             ):
-                self._add_lease(Lease(lease_id, model_id, self.lease_ttl), now)
+                self._add_lease(Lease(lease_id, model_id, self.lease_ttl, self.models[model_id].node), now)
             else:
                 lost.append(lease_id)
         return lost
@@ -420,18 +497,62 @@ class Ledger:
         if len(self._released) > RELEASED_MEMORY:
             self._released.popitem(last=False)
 
+    # -- nodes ------------------------------------------------------------------------------
+
+    def join(self, name: str, node_id: str | None, labels: dict[str, str], limit: int) -> None:
+        """A node of the fleet is in the cluster (again), with this budget."""
+        node = self.nodes[name]
+        node.alive, node.node_id, node.labels, node.limit = True, node_id, dict(labels), limit
+        node.joins += 1
+        logger.info("node %s (%s) joined: budget %.1f GB", name, node_id, limit / 1e9)
+
+    def lose(self, name: str, now: float) -> list[str]:
+        """A node left the cluster: its models are unloaded, with their leases (the requests
+        they served failed with their replicas). Returns those models."""
+        node = self.nodes[name]
+        node.alive, node.node_id = False, None
+        node.losses += 1
+        lost = [r for r in self.models.values() if r.node == name and r.status != Status.UNLOADED]
+        for record in lost:
+            for lease_id in list(record.leases):
+                self.release(lease_id, now)
+            record.held, record.usage, record.node = 0, Usage(), None
+            self._move(record, Status.UNLOADED, f"node {name} left the cluster")
+        logger.warning("node %s left: %s unloaded", name, [r.id for r in lost] or "no models")
+        return [r.id for r in lost]
+
     # -- memory -----------------------------------------------------------------------------
 
-    def used(self) -> int:
-        return sum(r.cost for r in self.models.values() if r.holds_memory)
+    @property
+    def limit(self) -> int:
+        """The budget of the nodes in the cluster, together."""
+        return sum(n.limit for n in self.nodes.values() if n.alive)
 
-    def available(self, os_available: int) -> int:
-        residents = [self._resident(r) for r in self.models.values() if r.holds_memory]
-        return max(0, headroom(residents, self.limit, self._os_available(os_available)))
+    def used(self, node: str | None = None) -> int:
+        return sum(r.cost for r in self.models.values() if r.holds_memory and node in (None, r.node))
 
-    def _os_available(self, os_available: int) -> int:
+    def available(self, os_available: Free, node: str | None = None) -> int:
+        """Bytes a new model may take now on `node`; on all nodes in the cluster, together."""
+        if node is None:
+            return sum(self.available(os_available, n.name) for n in self.nodes.values() if n.alive)
+        residents = self._residents(node)
+        return max(0, headroom(residents, self.nodes[node].limit, self._os_available(os_available, node)))
+
+    def _residents(self, node: str, eventually_idle: bool = False) -> list[Resident]:
+        return [
+            self._resident(r, eventually_idle)
+            for r in self.models.values()
+            if r.holds_memory and r.node == node
+        ]
+
+    def _os_available(self, os_available: Free, node: str) -> int | None:
+        free = os_available if isinstance(os_available, int) else os_available.get(node)
+        if free is None:
+            return None
         # Loading models have their bytes claimed here but not yet taken from the OS.
-        return os_available - sum(r.cost for r in self.models.values() if r.status == Status.LOADING)
+        return free - sum(
+            r.cost for r in self.models.values() if r.status == Status.LOADING and r.node == node
+        )
 
     @staticmethod
     def _resident(record: ModelRecord, eventually_idle: bool = False) -> Resident:
@@ -446,11 +567,26 @@ class Ledger:
 
     # -- views ------------------------------------------------------------------------------
 
-    def view(self, now: float, os_available: int) -> dict[str, Any]:
+    def view(self, now: float, os_available: Free) -> dict[str, Any]:
         return {
             "memory_limit_bytes": self.limit,
             "used_bytes": self.used(),
             "available_bytes": self.available(os_available),
+            "nodes": [
+                {
+                    "name": n.name,
+                    "node_id": n.node_id,
+                    "alive": n.alive,
+                    "labels": n.labels,
+                    "memory_limit_bytes": n.limit,
+                    "used_bytes": self.used(n.name),
+                    "available_bytes": self.available(os_available, n.name) if n.alive else 0,
+                    "models": [r.id for r in self.models.values() if r.holds_memory and r.node == n.name],
+                    "joins": n.joins,
+                    "losses": n.losses,
+                }
+                for n in self.nodes.values()
+            ],
             "models": [self._model_view(r, now) for r in self.models.values()],
         }
 
@@ -464,6 +600,7 @@ class Ledger:
             "type": r.entry.type,
             "family": r.entry.family,
             "status": r.status.value,
+            "node": r.node,
             "pinned": r.pinned,
             "memory_bytes": r.cost if r.holds_memory else None,
             "estimated_bytes": r.estimated_bytes,
