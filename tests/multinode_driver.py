@@ -68,6 +68,10 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
+def log(message: str) -> None:
+    print(f"multinode driver: {message}", file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -84,6 +88,7 @@ class Fleet:
         self.lock = threading.Lock()
 
     def start(self) -> str:
+        started = time.monotonic()
         import ray
         from ray import serve
         from ray.cluster_utils import Cluster
@@ -101,6 +106,7 @@ class Fleet:
         )
         for name in self.config.get("nodes", []):
             self.add(name)
+        log(f"cluster of {1 + len(self.nodes)} nodes up in {time.monotonic() - started:.1f} s")
         ray.init(
             address=self.cluster.address,
             log_to_driver=False,
@@ -114,7 +120,9 @@ class Fleet:
 
         os.chdir(ROOT)
         args = {"prompt_cache_dir": str(WORK_DIR / "prompt-cache"), **self.config["args"]}
+        log(f"Serve started at {time.monotonic() - started:.1f} s")
         serve.run(build_app(args), name="mlx-fleet", route_prefix="/", external_scaler_enabled=True)
+        log(f"application running at {time.monotonic() - started:.1f} s")
         self.report_nodes()
         return f"http://127.0.0.1:{port}"
 
@@ -151,7 +159,7 @@ class Fleet:
             try:
                 step()
             except Exception as error:  # noqa: BLE001 - keep tearing down
-                print(f"multinode driver: {step.__qualname__} failed: {error!r}", file=sys.stderr)
+                log(f"{step.__qualname__} failed: {error!r}")
         shutil.rmtree(WORK_DIR, ignore_errors=True)
 
 
@@ -198,5 +206,5 @@ def main() -> int:
 if __name__ == "__main__":
     started = time.monotonic()
     code = main()
-    print(f"multinode driver: ran {time.monotonic() - started:.1f} s", file=sys.stderr)
+    log(f"ran {time.monotonic() - started:.1f} s")
     sys.exit(code)

@@ -4,8 +4,8 @@ independent of the session's), serving tiny demo models with exact `memory:` cos
 every placement is decided by the rules, not by measurements.
 
 The tests share the cluster and run in file order, each starting from the state the one
-before left (written at the top of each). Budgets: a 3 GB, b 2.7 GB; every model 1 GB but the
-pinned `p` (0.5 GB, only on b) and `huge` (4 GB, fits nowhere).
+before left (written at the top of each). Budgets: a 3.5 GB, b 2.7 GB; every model 1 GB but
+the pinned `p` (0.5 GB, only on b) and `huge` (4 GB, fits nowhere).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GB = 10**9
 ARGS = {
     "admin_api_key": KEY,
     "load_wait_timeout": "20s",
-    "nodes": [{"name": "a", "memory_limit": "3GB"}, {"name": "b", "memory_limit": "2.7GB"}],
+    "nodes": [{"name": "a", "memory_limit": "3.5GB"}, {"name": "b", "memory_limit": "2.7GB"}],
     "models": [
         {"id": "p", "path": "models/tiny-mistral", "memory": "0.5GB", "pinned": True, "node": "b"},
         {"id": "m1", "path": "models/tiny-qwen2", "memory": "1GB"},
@@ -35,11 +35,12 @@ ARGS = {
         {"id": "m2", "path": "models/tiny-llama", "memory": "1GB"},
         {"id": "m3", "path": "models/tiny-gemma", "memory": "1GB"},
         {"id": "m4", "path": "models/tiny-qwen3", "memory": "1GB"},
+        {"id": "m5", "path": "models/tiny-llama", "memory": "1GB"},
         {"id": "bonly", "path": "models/tiny-mistral", "memory": "1GB", "node": "b"},
         {"id": "huge", "path": "models/tiny-llama", "memory": "4GB"},
     ],
 }
-LIMITS = {"a": 3 * GB, "b": 2_700_000_000}
+LIMITS = {"a": 3_500_000_000, "b": 2_700_000_000}
 
 
 @pytest.fixture(scope="module")
@@ -104,44 +105,46 @@ def test_nodes_are_listed_and_the_pinned_model_loads_on_its_node(driver, admin):
         assert node["labels"].get(NODE_LABEL) == name
         assert node["memory_limit_bytes"] == LIMITS[name]
     assert (listed["a"]["used_bytes"], listed["b"]["used_bytes"]) == (0, GB // 2)
-    assert listed["a"]["available_bytes"] == 3 * GB
+    assert listed["a"]["available_bytes"] == 3_500_000_000
     assert listed["b"]["available_bytes"] == 2_200_000_000
     assert (listed["a"]["models"], listed["b"]["models"]) == ([], ["p"])
 
 
 def test_loads_go_to_the_node_with_the_most_headroom(admin, client):
-    # Free: a 3.0, b 2.2 GB. Each 1 GB model goes where more is left after it.
-    for model, expected in (("m1", "a"), ("m2", "b"), ("m3", "a"), ("m4", "b")):
+    # Free: a 3.5, b 2.2 GB. Each 1 GB model goes where more is left after it (m5: only b has
+    # room without evicting).
+    for model, expected in (("m1", "a"), ("m3", "a"), ("m2", "b"), ("m4", "a"), ("m5", "b")):
         chat(client, model)
         assert models(admin)[model]["node"] == expected, f"{model} should have gone to node {expected}"
-    assert placement(admin) == {"p": "b", "m1": "a", "m2": "b", "m3": "a", "m4": "b"}
+    assert placement(admin) == {"p": "b", "m1": "a", "m2": "b", "m3": "a", "m4": "a", "m5": "b"}
     listed = nodes(admin)
-    assert (listed["a"]["used_bytes"], listed["b"]["used_bytes"]) == (2 * GB, 2_500_000_000)
-    assert (listed["a"]["available_bytes"], listed["b"]["available_bytes"]) == (GB, 200_000_000)
-    assert sorted(listed["a"]["models"]) == ["m1", "m3"]
-    assert sorted(listed["b"]["models"]) == ["m2", "m4", "p"]
+    assert (listed["a"]["used_bytes"], listed["b"]["used_bytes"]) == (3 * GB, 2_500_000_000)
+    assert (listed["a"]["available_bytes"], listed["b"]["available_bytes"]) == (GB // 2, 200_000_000)
+    assert sorted(listed["a"]["models"]) == ["m1", "m3", "m4"]
+    assert sorted(listed["b"]["models"]) == ["m2", "m5", "p"]
 
 
 def test_eviction_is_least_recently_used_on_that_node_only(admin, client):
-    # a: m1, m3 (full); b: p (pinned), m2, m4 (0.2 GB free). bonly may only use b.
+    # a: m1, m3, m4 (0.5 GB free); b: p (pinned), m2, m5 (0.2 GB free). bonly may only use b.
     before = models(admin)
     chat(client, "bonly")
     after = models(admin)
-    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "m4": "b", "bonly": "b"}
+    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "m4": "a", "m5": "b", "bonly": "b"}
     assert after["m2"]["status"] == "unloaded" and after["m2"]["node"] is None
     assert after["m2"]["evictions"] == before["m2"]["evictions"] + 1
-    for model in ("m1", "m3", "m4", "p"):  # a's models, b's more recent one, the pinned one
+    for model in ("m1", "m3", "m4", "m5", "p"):  # a's models, b's more recent one, the pinned one
         assert after[model]["evictions"] == before[model]["evictions"]
     listed = nodes(admin)
-    assert sorted(listed["b"]["models"]) == ["bonly", "m4", "p"]
+    assert sorted(listed["b"]["models"]) == ["bonly", "m5", "p"]
     assert listed["b"]["used_bytes"] == 2_500_000_000
 
 
 def test_a_reload_goes_back_to_the_node_it_last_ran_on(admin, client):
-    # a: m1, m3 (full); b: p, m4, bonly (0.2 GB free). m2 needs one eviction on either node:
-    # it returns to b, where it ran, and evicts b's least recently used, m4.
+    # a: m1, m3, m4 (0.5 GB free); b: p, m5, bonly (0.2 GB free). m2 needs one eviction on
+    # either node; a would keep more headroom, but m2 returns to b, where it ran, and evicts
+    # b's least recently used, m5.
     chat(client, "m2")
-    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "bonly": "b", "m2": "b"}
+    assert placement(admin) == {"p": "b", "m1": "a", "m3": "a", "m4": "a", "bonly": "b", "m2": "b"}
 
 
 def test_the_pinned_model_is_never_evicted(admin):
@@ -157,14 +160,14 @@ def test_a_model_no_node_can_fit_gets_503_naming_the_best_node(admin, client):
     error = raised.value
     assert error.status_code == 503 and error.code == "insufficient_memory"
     assert error.response.headers.get("x-should-retry") == "false"
-    # a, once every unpinned model is gone, has 3 GB; b has 2.2 GB beside the pinned p.
-    assert re.search(r"need 4\.0 GB, only 3\.0 GB available after eviction on node a\b", error.message), error.message
+    # a, once every unpinned model is gone, has 3.5 GB; b has 2.2 GB beside the pinned p.
+    assert re.search(r"need 4\.0 GB, only 3\.5 GB available after eviction on node a\b", error.message), error.message
     assert placement(admin) == before  # nothing was evicted for a load that cannot happen
     assert models(admin)["huge"]["node"] is None
 
 
 def test_a_node_that_leaves_mid_stream(driver, admin, client):
-    # a: m1, m3 (full); b: p, bonly, m2.
+    # a: m1, m3, m4 (0.5 GB free); b: p, bonly, m2.
     assert models(admin)["m2"]["node"] == "b"
     stream = client.with_options(timeout=httpx.Timeout(60, read=20)).chat.completions.create(
         model="m2",
@@ -203,7 +206,7 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
 
     # m2 may use a: it loads there, in place of a's least recently used model, m1.
     chat(client, "m2")
-    assert placement(admin) == {"m3": "a", "m2": "a"}
+    assert placement(admin) == {"m3": "a", "m4": "a", "m2": "a"}
     # bonly may only use b, which is gone: it cannot load anywhere.
     with pytest.raises(openai.APIStatusError) as raised:
         chat(client, "bonly")
@@ -211,15 +214,15 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
 
 
 def test_a_node_that_rejoins_is_used_again(driver, admin, client):
-    # a: m3, m2 (full); b: dead.
+    # a: m3, m4, m2 (0.5 GB free); b: dead.
     driver.add("b")
     wait_for(lambda: nodes(admin)["b"]["alive"] is True, "node b back", timeout=30)
     b = nodes(admin)["b"]
     assert b["node_id"] == driver.node_ids["b"]
-    chat(client, "m4")  # a would have to evict; b has room
+    chat(client, "m5")  # a would have to evict; b has room
     chat(client, "bonly")
     loaded = placement(admin)
-    assert (loaded["m4"], loaded["bonly"], loaded["m3"], loaded["m2"]) == ("b", "b", "a", "a")
+    assert (loaded["m5"], loaded["bonly"], loaded["m3"], loaded["m4"], loaded["m2"]) == ("b", "b", "a", "a", "a")
 
 
 def test_quit_leaves_no_process_behind(driver):
