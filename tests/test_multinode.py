@@ -190,6 +190,7 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
         outcome = "hung"
     except (openai.APIError, httpx.HTTPError) as error:  # an SSE error event, or a cut stream
         outcome = f"error: {error!r}"
+    print(f"stream from the removed node: {outcome} after {chunks} chunks")
     assert removed_at is not None, f"the stream ended after {chunks} chunks, before b was removed"
     assert outcome.startswith("error") or (outcome == "ended" and finish is None), (outcome, finish)
     assert time.monotonic() - removed_at < 20
