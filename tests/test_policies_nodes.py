@@ -126,3 +126,6 @@ def test_configured_nodes_are_found_by_their_labels():
     found = present_nodes(specs, ray_nodes)
     assert {name: node.node_id for name, node in found.items()} == {"studio": "s", "mini": "m"}
     assert present_nodes(specs, ray_nodes[:2]) == {}
+    restarted = [*ray_nodes, {"NodeID": "s-new", "Alive": True, "Labels": {"mlx-fleet/node": "studio"}}]
+    assert present_nodes(specs, restarted, known={"studio": "s"})["studio"].node_id == "s"
+    assert present_nodes(specs, restarted, known={"studio": "s-new"})["studio"].node_id == "s-new"
