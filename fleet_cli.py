@@ -138,9 +138,11 @@ def ps(args: argparse.Namespace) -> str:
     view = Server(args).get("/admin/models")
     now = time.time()
     shown = [m for m in view["models"] if args.all or m["status"] != "unloaded"]
+    several = len(view["nodes"]) > 1
     rows = [
         [
             *model_columns(m),
+            *([m["node"] or "-"] if several else []),
             size(m["memory_bytes"]),
             memory_parts(m),
             in_flight(m),
@@ -153,10 +155,22 @@ def ps(args: argparse.Namespace) -> str:
         f"memory: {size(view['used_bytes'])} used of {size(view['memory_limit_bytes'])} budget, "
         f"{size(view['available_bytes'])} available for another model"
     )
+    if several:
+        summary = "\n".join(
+            f"node {n['name']}: {size(n['used_bytes'])} used of {size(n['memory_limit_bytes'])} budget, "
+            f"{size(n['available_bytes'])} available for another model"
+            if n["alive"]
+            else f"node {n['name']}: not in the cluster"
+            for n in view["nodes"]
+        )
     if not rows:
         hint = "" if args.all else " (mlx-fleet ps -a lists unloaded ones too)"
         return f"{summary}\nno model holds memory{hint}"
-    headers = (*MODEL_HEADERS, "MEMORY", "MADE OF", "IN FLIGHT", "LAST USED", "IDLE UNLOAD IN")
+    headers = (
+        *MODEL_HEADERS,
+        *(["NODE"] if several else []),
+        "MEMORY", "MADE OF", "IN FLIGHT", "LAST USED", "IDLE UNLOAD IN",
+    )
     return f"{summary}\n\n{table(rows, headers)}"
 
 

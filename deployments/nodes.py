@@ -88,7 +88,8 @@ class NodeMonitor:
 
     async def check(self) -> None:
         """One round: join the nodes that appeared, lose the ones that left or went silent."""
-        present = present_nodes(self.specs.values(), await asyncio.to_thread(ray.nodes))
+        known = {name: watched.present.node_id for name, watched in self._watched.items()}
+        present = present_nodes(self.specs.values(), await asyncio.to_thread(ray.nodes), known)
         for name, watched in list(self._watched.items()):
             now_there = present.get(name)
             if now_there is None or now_there.node_id != watched.present.node_id:

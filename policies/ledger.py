@@ -239,7 +239,7 @@ class Ledger:
             return Unsized()
         nodes = [n for n in self.nodes.values() if n.alive and record.entry.node in (None, n.name)]
         if not nodes:
-            where = f"node {record.entry.node} is" if record.entry.node else "none of the fleet's nodes is"
+            where = f"its node {record.entry.node} is not" if record.entry.node else "none of the fleet's nodes is"
             return NoNode(f"model {model_id} cannot load: {where} in the cluster now")
         placements, refusals_now = [], {}
         for node in nodes:
