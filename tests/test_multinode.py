@@ -203,7 +203,8 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
     )
     state = models(admin)
     assert all(state[m]["node"] is None for m in ("p", "bonly", "m2"))
-    assert nodes(admin)["b"]["models"] == []
+    b = nodes(admin)["b"]
+    assert (b["models"], b["used_bytes"], b["node_id"]) == ([], 0, None)
 
     # m2 may use a: it loads there, in place of a's least recently used model, m1.
     chat(client, "m2")
@@ -224,6 +225,8 @@ def test_a_node_that_rejoins_is_used_again(driver, admin, client):
     chat(client, "bonly")
     loaded = placement(admin)
     assert (loaded["m5"], loaded["bonly"], loaded["m3"], loaded["m4"], loaded["m2"]) == ("b", "b", "a", "a", "a")
+    # The pinned p comes back with its node (0.5 + 1 + 1 GB fit b's 2.7).
+    wait_for(lambda: placement(admin).get("p") == "b", "pinned p loaded again on b", timeout=30)
 
 
 def test_quit_leaves_no_process_behind(driver):
