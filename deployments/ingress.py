@@ -128,8 +128,8 @@ def json_depth(value: Any, stop_after: int) -> int:
 def replica_lost(model_id: str) -> ApiError:
     return ApiError(
         503,
-        f"Model {model_id}'s replica stopped while serving this request; it is being "
-        "restarted, retry in a few seconds",
+        f"Model {model_id}'s replica stopped while serving this request (its process or its "
+        "node went down); the next request loads it again: retry in a few seconds",
         "model_unavailable",
         param="model",
         code="model_unavailable",

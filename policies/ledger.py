@@ -510,7 +510,7 @@ class Ledger:
         """A node left the cluster: its models are unloaded, with their leases (the requests
         they served failed with their replicas). Returns those models."""
         node = self.nodes[name]
-        node.alive, node.node_id = False, None
+        node.alive, node.node_id, node.labels = False, None, {}
         node.losses += 1
         lost = [r for r in self.models.values() if r.node == name and r.status != Status.UNLOADED]
         for record in lost:
