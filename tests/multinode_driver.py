@@ -2,7 +2,8 @@
 
     python tests/multinode_driver.py CONFIG.json
 
-CONFIG.json: {"args": <the application's args>, "nodes": ["a", "b"], "num_cpus": 2}. The
+CONFIG.json: {"args": <the application's args>, "nodes": ["a", "b"], "num_cpus": 2,
+"system_config": <Ray's, default SYSTEM_CONFIG>}. The
 head node carries no fleet label (the controller and the ingress run there); every name in
 "nodes" becomes a Ray node labelled `mlx-fleet/node=<name>`. Run from the repository root
 (relative model paths), in a process group of its own: `tests/test_multinode.py` starts it.
@@ -101,7 +102,7 @@ class Fleet:
                 # Even without the dashboard Ray runs a minimal one, on 8265 unless told.
                 "dashboard_port": free_port(),
                 "node_ip_address": "127.0.0.1",
-                "_system_config": SYSTEM_CONFIG,
+                "_system_config": self.config.get("system_config", SYSTEM_CONFIG),
             },
         )
         for name in self.config.get("nodes", []):

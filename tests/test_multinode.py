@@ -212,7 +212,8 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
     # bonly may only use b, which is gone: it cannot load anywhere.
     with pytest.raises(openai.APIStatusError) as raised:
         chat(client, "bonly")
-    assert raised.value.status_code == 503
+    assert (raised.value.status_code, raised.value.code) == (503, "node_unavailable")
+    assert "its node b is not in the cluster" in raised.value.message
 
 
 def test_a_node_that_rejoins_is_used_again(driver, admin, client):
