@@ -364,6 +364,8 @@ class Controller:
                 await self.scaler.scale(self._deployment(record), 1)
                 # The call waits in Serve's router until the replica can take it: no polling for
                 # the replica to run, the load starts the moment it does.
+                if record.node != node:  # it left while the replica was being asked for
+                    continue
                 report = await self._unless_node_lost(
                     node, asyncio.wait_for(self._handle(record).load.remote(), SCALE_TIMEOUT_SECONDS)
                 )
@@ -715,8 +717,8 @@ class Controller:
         return self.monitor.free if self.monitor else psutil.virtual_memory().available
 
     async def _unless_node_lost(self, node: str, work: Awaitable[Any]) -> Any:
-        """`work`'s result, or NodeLost once `node` has left the cluster (a call waiting for a
-        replica there would wait for good)."""
+        """`work`'s result, or NodeLost once `node` leaves the cluster (a call waiting for a
+        replica there would wait for good). The caller checks that it is there now."""
         gone = self._node_gone.setdefault(node, asyncio.get_running_loop().create_future())
         task = asyncio.ensure_future(work)
         await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
