@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from graph import ConfigError, build_catalog, load_config
-from policies.config import deployment_name
+from policies.config import ModelEntry, deployment_name
 
 
 def config(**overrides):
@@ -59,6 +60,10 @@ def test_full_model_spec():
         ({"models": [{"id": "a", "path": "p"}], "admin_api_key": "clé"}, "admin_api_key"),
         ({"models": [{"id": "a", "path": "p"}], "lease_ttl": "0s"}, "lease_ttl"),
         ({"models": [{"id": "a", "path": "p"}], "request_body_timeout": "soon"}, "request_body_timeout"),
+        ({"models": [{"id": "a", "path": "p", "node": "b"}]}, "names node 'b', which is not in `nodes`"),
+        ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "m"}, {"name": "m"}]}, "unique"),
+        ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "a@b"}]}, "name"),
+        ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "m", "memory_limit": "9 zorks"}]}, "9 zorks"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(args, words):
@@ -71,6 +76,23 @@ def test_bad_configs_are_rejected_with_a_clear_message(args, words):
 def test_deployment_names_are_url_safe():
     assert deployment_name("mlx-community/Qwen2.5-0.5B-Instruct-4bit") == "mlx-community--Qwen2.5-0.5B-Instruct-4bit"
     assert deployment_name("my model:v1") == "my-model-v1"
+
+
+def test_each_model_gets_a_deployment_per_node_it_may_use():
+    cfg = config(
+        nodes=[{"name": "studio"}, {"name": "mini", "labels": {"rack": "2"}}],
+        models=[{"id": "org/m", "path": "x"}, {"id": "big", "path": "y", "node": "studio"}],
+    )
+    assert cfg.node_names == ["studio", "mini"]
+    assert [node.selector for node in cfg.nodes] == [{"mlx-fleet/node": "studio"}, {"rack": "2"}]
+    assert config().node_names == ["local"]
+    entry = ModelEntry(
+        id="org/m", deployment="org--m", path="x", type="text-generation", family="llama",
+        pinned=False, memory_bytes=None, architecture=None, reason="test",
+    )
+    assert entry.placements(cfg.node_names) == {"studio": "org--m@studio", "mini": "org--m@mini"}
+    assert replace(entry, node="studio").placements(cfg.node_names) == {"studio": "org--m@studio"}
+    assert entry.placements(["local"]) == {"local": "org--m"}  # one node: the model's own name
 
 
 def write_model(directory, config_json):
