@@ -10,15 +10,18 @@ the pinned `p` (0.5 GB, only on b) and `huge` (4 GB, fits nowhere).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import wait_for
-from tests.multinode import Driver
+from tests.multinode import Driver, session_processes
 
 KEY = "sekret"
 ADMIN = {"Authorization": f"Bearer {KEY}"}
@@ -228,6 +231,32 @@ def test_a_node_that_rejoins_is_used_again(driver, admin, client):
     assert (loaded["m5"], loaded["bonly"], loaded["m3"], loaded["m4"], loaded["m2"]) == ("b", "b", "a", "a", "a")
     # The pinned p comes back with its node (0.5 + 1 + 1 GB fit b's 2.7).
     wait_for(lambda: placement(admin).get("p") == "b", "pinned p loaded again on b", timeout=30)
+
+
+def controller_pids(driver) -> list[int]:
+    """The fleet controller's replica processes in the driver's cluster (not the session's)."""
+    title = "ray::ServeReplica:mlx-fleet:fleet-controller"
+    found = []
+    for pid in session_processes(driver.sid):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().startswith(title):
+                found.append(pid)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_a_restarted_controller_finds_every_model_on_its_node(driver, admin, client):
+    before = placement(admin)
+    ids = {name: node["node_id"] for name, node in nodes(admin).items()}
+    (dead,) = controller_pids(driver)
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: [p for p in controller_pids(driver) if p != dead], "a new controller", timeout=60)
+    wait_for(lambda: placement(admin) == before, "every model adopted where it runs", timeout=60)
+    assert {name: node["node_id"] for name, node in nodes(admin).items()} == ids
+    assert all(node["alive"] for node in nodes(admin).values())
+    chat(client, "m5")  # served where it was, not loaded again
+    assert models(admin)["m5"]["node"] == before["m5"]
 
 
 def test_quit_leaves_no_process_behind(driver):
