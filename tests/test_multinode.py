@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +127,21 @@ def test_loads_go_to_the_node_with_the_most_headroom(admin, client):
     assert (listed["a"]["available_bytes"], listed["b"]["available_bytes"]) == (GB // 2, 200_000_000)
     assert sorted(listed["a"]["models"]) == ["m1", "m3", "m4"]
     assert sorted(listed["b"]["models"]) == ["m2", "m5", "p"]
+
+
+def test_mlx_fleet_ps_shows_each_node_and_where_each_model_runs(driver):
+    shown = subprocess.run(
+        [sys.executable, "-m", "fleet_cli", "ps", "--url", driver.url, "--admin-key", KEY],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.splitlines()
+    assert shown[0] == "node a: 3.0 GB used of 3.5 GB budget, 500 MB available for another model"
+    assert shown[1] == "node b: 2.5 GB used of 2.7 GB budget, 200 MB available for another model"
+    header = shown[3].split()
+    assert header[:6] == ["NAME", "TYPE", "FAMILY", "STATUS", "PINNED", "NODE"]
+    rows = {line.split()[0]: line.split() for line in shown[4:]}
+    assert {name: row[5] for name, row in rows.items()} == {
+        "p": "b", "m1": "a", "m2": "b", "m3": "a", "m4": "a", "m5": "b"
+    }
 
 
 def test_eviction_is_least_recently_used_on_that_node_only(admin, client):
