@@ -30,6 +30,9 @@ logger = logging.getLogger("ray.serve")
 NODE_CHECK_SECONDS = 1.0
 NODE_SILENT_SECONDS = 4.0
 PROBE_ANSWER_SECONDS = 2.0
+# A Ray node that went silent, or whose probe never answered, is not tried again for this
+# long: Ray may list a dead node as alive for tens of seconds.
+NODE_RETRY_SECONDS = 30.0
 
 
 def memory_limit_bytes(limit: str | int) -> int:
@@ -81,6 +84,7 @@ class NodeMonitor:
         self.on_join = on_join
         self.on_lose = on_lose
         self._watched: dict[str, _Watched] = {}
+        self._unreachable: dict[str, float] = {}  # Ray node id -> when it last failed us
 
     @property
     def free(self) -> dict[str, int]:
@@ -88,14 +92,19 @@ class NodeMonitor:
 
     async def check(self) -> None:
         """One round: join the nodes that appeared, lose the ones that left or went silent."""
+        now = time.monotonic()
+        self._unreachable = {i: when for i, when in self._unreachable.items() if now - when < NODE_RETRY_SECONDS}
+        listed = [n for n in await asyncio.to_thread(ray.nodes) if n["NodeID"] not in self._unreachable]
         known = {name: watched.present.node_id for name, watched in self._watched.items()}
-        present = present_nodes(self.specs.values(), await asyncio.to_thread(ray.nodes), known)
+        present = present_nodes(self.specs.values(), listed, known)
         for name, watched in list(self._watched.items()):
             now_there = present.get(name)
             if now_there is None or now_there.node_id != watched.present.node_id:
                 await self.lose(name, "Ray no longer lists it" if now_there is None else "it restarted")
-        await asyncio.gather(*(self._join(node) for name, node in present.items() if name not in self._watched))
-        await asyncio.gather(*(self._ask(name) for name in list(self._watched)))
+        await asyncio.gather(
+            *(self._join(node) for name, node in present.items() if name not in self._watched),
+            *(self._ask(name) for name in list(self._watched)),
+        )
 
     async def confirm(self, name: str) -> bool:
         """Whether the node still answers now (asked when a replica there died)."""
@@ -109,6 +118,7 @@ class NodeMonitor:
         if watched is None:
             return
         logger.warning("node %s (%s) left the fleet: %s", name, watched.present.node_id, why)
+        self._unreachable[watched.present.node_id] = time.monotonic()
         ray.kill(watched.probe)  # if it still lives somewhere, it must not linger
         await self.on_lose(name)
 
@@ -123,7 +133,11 @@ class NodeMonitor:
                 PROBE_ANSWER_SECONDS * 5,  # the probe's process starts first
             )
         except Exception as error:
-            logger.warning("node %s is in the cluster but its probe did not answer: %r", node.name, error)
+            logger.warning(
+                "node %s is in the cluster but its probe did not answer (%r); next try in %.0f s",
+                node.name, error, NODE_RETRY_SECONDS,
+            )
+            self._unreachable[node.node_id] = time.monotonic()
             ray.kill(probe)
             return
         self._watched[node.name] = _Watched(node, probe, free, time.monotonic())
