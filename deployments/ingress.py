@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, NoReturn, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +45,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="mlx-fleet", description="Many MLX models behind OpenAI's and Anthropic's APIs.")
 
 Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
 MAX_JSON_DEPTH = 64
@@ -226,13 +227,8 @@ class Ingress:
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = await self._parse(request, EmbeddingRequest)
         entry = self._entry(body.model, EMBEDDINGS)
-        lease = await self.leases.acquire(entry.id)
-        try:
-            embedded = await self.leases.guarded(lease, self._model(lease).embed.remote(body.texts, lease.id))
-        except (RayActorError, LeaseLost):
-            self._model_failed(entry.id)
-        finally:
-            self.leases.release(lease)
+        lease, embedded = await self._call(entry, lambda model, lease: model.embed.remote(body.texts, lease.id))
+        self.leases.release(lease)
         return {
             "object": "list",
             "data": [
@@ -288,13 +284,8 @@ class Ingress:
             raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
         job = body.to_generation(vision=False, images=[])
         self._check(entry, job, body.needs(), body.constraint_param)
-        lease = await self.leases.acquire(entry.id)
-        try:
-            tokens = await self.leases.guarded(lease, self._model(lease).count_tokens.remote(job, lease.id))
-        except (RayActorError, LeaseLost):
-            self._model_failed(entry.id)
-        finally:
-            self.leases.release(lease)
+        lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id))
+        self.leases.release(lease)
         return {"input_tokens": tokens}
 
     @app.get("/admin/models")
@@ -487,30 +478,25 @@ class Ingress:
     ) -> Any:
         """Generate under a lease and answer in the reply's dialect, whole or streamed.
         `after(events)` runs once the answer is complete (Responses keeps it)."""
-        lease = await self.leases.acquire(entry.id)
-        handle = self._model(lease)
         if not stream:
-            try:
-                events = await self.leases.guarded(lease, handle.generate.remote(job, lease.id))
-            except (RayActorError, LeaseLost):
-                self._model_failed(entry.id)
-            finally:
-                self.leases.release(lease)
+            lease, events = await self._call(entry, lambda model, lease: model.generate.remote(job, lease.id))
+            self.leases.release(lease)
             body = reply.full(events)
             if after is not None:
                 await after(events)
             return JSONResponse(body)
-        batches = handle.options(stream=True).stream.remote(job, lease.id)
-        try:
+
+        async def open_stream(model: DeploymentHandle, lease: Hold) -> tuple[Any, list[Event]]:
             # Errors before the first token (bad template, context too long) still get a
             # proper status code instead of a 200 stream carrying an error.
-            first = await self.leases.guarded(lease, batches.__anext__())
-        except BaseException as error:
-            batches.cancel()
-            self.leases.release(lease)
-            if isinstance(error, (RayActorError, LeaseLost)):
-                self._model_failed(entry.id)
-            raise
+            batches = model.options(stream=True).stream.remote(job, lease.id)
+            try:
+                return batches, await batches.__anext__()
+            except BaseException:
+                batches.cancel()
+                raise
+
+        lease, (batches, first) = await self._call(entry, open_stream)
         stream_body = self._sse(entry.id, lease, first, batches, reply, after)
         self.leases.release_when_collected(stream_body, lease)
         return StreamingResponse(stream_body, media_type="text/event-stream")
@@ -556,9 +542,30 @@ class Ingress:
         if after is not None:
             await after(events)
 
-    def _model(self, lease: Hold) -> DeploymentHandle:
-        """The deployment of the lease's model on the node the controller placed it."""
-        return self.models[lease.model][lease.node]
+    async def _call(self, entry: ModelEntry, call: Callable[[DeploymentHandle, Hold], Awaitable[T]]) -> tuple[Hold, T]:
+        """`call(model, lease)` on the model's deployment where the controller placed it,
+        under a lease the caller releases.
+
+        A lease lost before the model answered (its node left the cluster) means nothing was
+        generated: the call is made once more, wherever the model is placed then.
+        """
+        retried = False
+        while True:
+            lease = await self.leases.acquire(entry.id)
+            try:
+                return lease, await self.leases.guarded(lease, call(self.models[entry.id][lease.node], lease))
+            except LeaseLost:
+                self.leases.release(lease)
+                if retried:
+                    self._model_failed(entry.id)
+                retried = True
+                logger.warning("model %s's node %s left before it answered; asking where it is now", entry.id, lease.node)
+            except RayActorError:
+                self.leases.release(lease)
+                self._model_failed(entry.id)
+            except BaseException:
+                self.leases.release(lease)
+                raise
 
     def _model_failed(self, model_id: str) -> NoReturn:
         """A model call failed because its replica died: 503 for this request."""

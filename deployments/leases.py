@@ -36,6 +36,9 @@ CONTROLLER_RETRY_SECONDS = 0.5
 # A lease kept this long after its last request, for the next one: back-to-back requests
 # skip the controller, and an eviction of the model waits at most this much longer.
 LINGER_SECONDS = 0.25
+# While a call waits this long for its model, the leases are renewed to learn whether the
+# controller took them back (a node that left): such a call would otherwise wait for good.
+WAITING_RENEW_SECONDS = 2.0
 
 
 class LeaseLost(Exception):
@@ -84,6 +87,7 @@ class LeaseKeeper:
         self._shared: dict[str, _Shared] = {}  # by model id
         self._granting: dict[str, asyncio.Task] = {}  # one acquire per model at a time
         self._renewer: asyncio.Task | None = None
+        self._renewing: asyncio.Task | None = None  # one renewal at a time for waiting calls
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
         self._loop = asyncio.get_running_loop()
 
@@ -129,7 +133,11 @@ class LeaseKeeper:
             task.cancel()
             raise LeaseLost(hold.id)
         try:
-            await asyncio.wait([task, shared.lost], return_when=asyncio.FIRST_COMPLETED)
+            while not (task.done() or shared.lost.done()):
+                await asyncio.wait([task, shared.lost], timeout=WAITING_RENEW_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                waiting = not (task.done() or shared.lost.done())
+                if waiting and (self._renewing is None or self._renewing.done()):
+                    self._renewing = self._spawn(self.renew())
         except asyncio.CancelledError:  # the request was cancelled: so is its call
             task.cancel()
             raise
