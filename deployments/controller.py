@@ -30,6 +30,7 @@ from deployments.model_server import ReplicaState
 from dialects.errors import ApiError, model_not_found
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
+from deployments.waiting import unless
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.eviction import Insufficient
 from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized, Wait
@@ -95,10 +96,6 @@ def _log_failure(task: asyncio.Task) -> None:
         logger.error("controller background task failed", exc_info=task.exception())
 
 
-class NodeLost(Exception):
-    """The node a model was loading on left the cluster."""
-
-
 def load_failed(model_id: str, reason: str) -> ApiError:
     return ApiError(
         503, f"Model {model_id} failed to load: {reason}", "model_load_failed", param="model",
@@ -140,7 +137,7 @@ class Controller:
             if several
             else None
         )
-        self._node_gone: dict[str, asyncio.Future] = {}
+        self._gone: dict[str, asyncio.Future] = {}
         self.scaler = ReplicaScaler(serve.get_replica_context().app_name)
         self.metrics = _metrics()
         # Signalled whenever memory, leases or statuses change: waiters re-check.
@@ -366,8 +363,9 @@ class Controller:
                 # the replica to run, the load starts the moment it does.
                 if record.node != node:  # it left while the replica was being asked for
                     continue
-                report = await self._unless_node_lost(
-                    node, asyncio.wait_for(self._handle(record).load.remote(), SCALE_TIMEOUT_SECONDS)
+                report = await unless(
+                    self._node_gone(node),
+                    asyncio.wait_for(self._handle(record).load.remote(), SCALE_TIMEOUT_SECONDS),
                 )
             except Exception as error:
                 if record.node != node:  # the ledger has unloaded it with its node
@@ -587,7 +585,7 @@ class Controller:
         if self.monitor:
             await self.monitor.check()
             absent = [
-                placement_name(r.entry.deployment, node)
+                self._deployment(r, node)
                 for r in self.ledger.models.values()
                 for node in self.models[r.id]
                 if not self.ledger.nodes[node].alive
@@ -597,7 +595,7 @@ class Controller:
         replicas = await self.scaler.replica_states()
         now = time.time()
         placements = [
-            (record, node, replicas.get(placement_name(record.entry.deployment, node), {}))
+            (record, node, replicas.get(self._deployment(record, node), {}))
             for record in self.ledger.models.values()
             for node in self.models[record.id]
         ]
@@ -660,8 +658,7 @@ class Controller:
         retiring: dict[str, list[str]] = {}
         for model_id, node in spares:
             if self.ledger[model_id].node != node and model_id not in self._loading:
-                deployment = placement_name(self.ledger[model_id].entry.deployment, node)
-                retiring.setdefault(model_id, []).append(deployment)
+                retiring.setdefault(model_id, []).append(self._deployment(self.ledger[model_id], node))
         # One unloading task per model: a load of it waits for all of its spares to stop.
         tasks = [
             self._unloading_task(
@@ -716,20 +713,14 @@ class Controller:
         """What each node's OS reports free: measured here on one machine, by the probes on several."""
         return self.monitor.free if self.monitor else psutil.virtual_memory().available
 
-    async def _unless_node_lost(self, node: str, work: Awaitable[Any]) -> Any:
-        """`work`'s result, or NodeLost once `node` leaves the cluster (a call waiting for a
-        replica there would wait for good). The caller checks that it is there now."""
-        gone = self._node_gone.setdefault(node, asyncio.get_running_loop().create_future())
-        task = asyncio.ensure_future(work)
-        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            raise NodeLost(node)
-        return task.result()
+    def _node_gone(self, node: str) -> asyncio.Future:
+        """Resolved when `node` leaves the cluster: a call waiting for a replica there would
+        wait for good. The caller checks that it is there now."""
+        return self._gone.setdefault(node, asyncio.get_running_loop().create_future())
 
     async def _node_joined(self, node: PresentNode, budget: int) -> None:
         self.ledger.join(node.name, node.node_id, node.labels, budget)
-        self._node_gone.pop(node.name, None)
+        self._gone.pop(node.name, None)
         await self._notify()
         if self._ready.is_set():  # at start, `_start` loads them once every node is found
             self._spawn(self._load_pinned())
@@ -739,12 +730,12 @@ class Controller:
         there go to zero, so that a node coming back starts with nothing."""
         lost = self.ledger.lose(name, time.time())
         self.metrics["lost_nodes"].inc(tags={"node": name})
-        gone = self._node_gone.pop(name, None)
+        gone = self._gone.pop(name, None)
         if gone is not None and not gone.done():
             gone.set_result(None)
         for model_id in self.models:
             if name in self.models[model_id]:
-                self._spawn(self.scaler.scale(placement_name(self.ledger[model_id].entry.deployment, name), 0))
+                self._spawn(self.scaler.scale(self._deployment(self.ledger[model_id], name), 0))
         if lost:
             logger.warning("models unloaded with node %s: %s", name, ", ".join(lost))
         await self._notify()

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, TypeVar
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.waiting import Abandoned, unless
 from dialects.errors import ApiError
 from policies.ledger import Lease
 
@@ -128,23 +129,13 @@ class LeaseKeeper:
         """`work`'s result, unless the hold's lease is lost first: then `work` is cancelled
         and LeaseLost raised."""
         shared = self._shared.get(hold.model)
-        task = asyncio.ensure_future(work)
         if shared is None or shared.lease.id != hold.id:
-            task.cancel()
+            asyncio.ensure_future(work).cancel()
             raise LeaseLost(hold.id)
         try:
-            while not (task.done() or shared.lost.done()):
-                await asyncio.wait([task, shared.lost], timeout=WAITING_RENEW_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-                waiting = not (task.done() or shared.lost.done())
-                if waiting and (self._renewing is None or self._renewing.done()):
-                    self._renewing = self._spawn(self.renew())
-        except asyncio.CancelledError:  # the request was cancelled: so is its call
-            task.cancel()
-            raise
-        if not task.done():
-            task.cancel()
-            raise LeaseLost(hold.id)
-        return task.result()
+            return await unless(shared.lost, work, WAITING_RENEW_SECONDS, self._renew_soon)
+        except Abandoned:
+            raise LeaseLost(hold.id) from None
 
     def release_when_collected(self, owner: Any, hold: Hold) -> None:
         """Release the hold when `owner` is garbage: a response body that never ran its
@@ -195,6 +186,10 @@ class LeaseKeeper:
                     ) from None
                 logger.warning("controller gone while acquiring model %s; retrying", model_id)
                 await asyncio.sleep(CONTROLLER_RETRY_SECONDS)
+
+    def _renew_soon(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            self._renewing = self._spawn(self.renew())
 
     async def _renew_while_held(self) -> None:
         while self._shared:

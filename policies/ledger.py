@@ -391,7 +391,7 @@ class Ledger:
             record.held = held
             return Evict(())
         node = self.nodes[record.node]
-        others = [r for r in self.models.values() if r.holds_memory and r.node == node.name]
+        others = self._holding(node.name)
         available = self._os_available(os_available, node.name)
         decision = plan([self._resident(r) for r in others], growth, node.limit, available)
         if isinstance(decision, Insufficient):
@@ -529,7 +529,7 @@ class Ledger:
         return sum(n.limit for n in self.nodes.values() if n.alive)
 
     def used(self, node: str | None = None) -> int:
-        return sum(r.cost for r in self.models.values() if r.holds_memory and node in (None, r.node))
+        return sum(r.cost for r in self._holding(node))
 
     def available(self, os_available: Free, node: str | None = None) -> int:
         """Bytes a new model may take now on `node`; on all nodes in the cluster, together."""
@@ -538,12 +538,12 @@ class Ledger:
         residents = self._residents(node)
         return max(0, headroom(residents, self.nodes[node].limit, self._os_available(os_available, node)))
 
+    def _holding(self, node: str | None) -> list[ModelRecord]:
+        """The models holding memory on `node`; on every node when None."""
+        return [r for r in self.models.values() if r.holds_memory and node in (None, r.node)]
+
     def _residents(self, node: str, eventually_idle: bool = False) -> list[Resident]:
-        return [
-            self._resident(r, eventually_idle)
-            for r in self.models.values()
-            if r.holds_memory and r.node == node
-        ]
+        return [self._resident(r, eventually_idle) for r in self._holding(node)]
 
     def _os_available(self, os_available: Free, node: str) -> int | None:
         free = os_available if isinstance(os_available, int) else os_available.get(node)
@@ -581,7 +581,7 @@ class Ledger:
                     "memory_limit_bytes": n.limit,
                     "used_bytes": self.used(n.name),
                     "available_bytes": self.available(os_available, n.name) if n.alive else 0,
-                    "models": [r.id for r in self.models.values() if r.holds_memory and r.node == n.name],
+                    "models": [r.id for r in self._holding(n.name)],
                     "joins": n.joins,
                     "losses": n.losses,
                 }
