@@ -46,6 +46,7 @@ class KvHold:
         self.sequences = 0
         self._lock = asyncio.Lock()
         self._release: asyncio.TimerHandle | None = None
+        self._giving_back: asyncio.Task | None = None
 
     def usage(self, process_bytes: int | None, kv_bytes_per_token: int) -> Usage:
         return Usage(
@@ -98,7 +99,8 @@ class KvHold:
 
     def _start_give_back(self) -> None:
         self._release = None
-        asyncio.ensure_future(self._give_back())
+        # Kept: the loop holds only a weak reference to a task.
+        self._giving_back = asyncio.ensure_future(self._give_back())
 
     async def _cover(self, kv_bytes: int) -> None:
         deadline = time.monotonic() + self.wait_seconds
