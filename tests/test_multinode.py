@@ -184,6 +184,7 @@ def test_a_model_no_node_can_fit_gets_503_naming_the_best_node(admin, client):
     assert re.search(r"need 4\.0 GB, only 3\.5 GB available after eviction on node a\b", error.message), error.message
     assert placement(admin) == before  # nothing was evicted for a load that cannot happen
     assert models(admin)["huge"]["node"] is None
+    assert all(m["in_flight"] == 0 and m["waiting"] == 0 for m in models(admin).values())
 
 
 def test_a_node_that_leaves_mid_stream(driver, admin, client):
@@ -234,6 +235,7 @@ def test_a_node_that_leaves_mid_stream(driver, admin, client):
         chat(client, "bonly")
     assert (raised.value.status_code, raised.value.code) == (503, "node_unavailable")
     assert "its node b is not in the cluster" in raised.value.message
+    assert all(m["in_flight"] == 0 and m["waiting"] == 0 for m in models(admin).values())
 
 
 def test_a_node_that_rejoins_is_used_again(driver, admin, client):
