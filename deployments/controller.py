@@ -286,10 +286,9 @@ class Controller:
         await self._ready.wait()
         deadline = time.monotonic() + self.config.load_wait_seconds
         while True:
-            if model_id in self._loading:
-                await asyncio.wait([self._loading[model_id]])  # its failure is not ours
-            if model_id in self._unloading:
-                await asyncio.wait([self._unloading[model_id]])
+            for tasks in (self._loading, self._unloading):
+                if model_id in tasks:  # its failure is not ours; its length is bounded here
+                    await asyncio.wait([tasks[model_id]], timeout=max(0.0, deadline - time.monotonic()))
             if record.status in (Status.UNLOADED, Status.UNLOADING):
                 return
             if self.ledger.begin_unload(model_id, "unloaded by an admin"):
@@ -303,9 +302,14 @@ class Controller:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                doing = (
+                    "is still loading" if model_id in self._loading
+                    else "is still being unloaded" if model_id in self._unloading
+                    else f"still serves {len(record.leases)} request(s)"
+                )
                 raise ApiError(
                     503,
-                    f"Model {model_id} still serves {len(record.leases)} request(s) after "
+                    f"Model {model_id} {doing} after "
                     f"{self.config.load_wait_seconds:.0f} s; it is unpinned now, try the unload again later",
                     "model_busy",
                     param="model",

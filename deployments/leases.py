@@ -75,6 +75,7 @@ class Hold:
 class _Shared:
     lease: Lease
     lost: asyncio.Future
+    renewed: float  # monotonic time the controller last extended it
     holds: int = 0
     linger: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -84,6 +85,7 @@ class LeaseKeeper:
         self.controller = controller
         # A request may wait this long for its model, controller restarts included.
         self.acquire_timeout = acquire_timeout
+        self.lease_ttl = lease_ttl
         self.renew_every = lease_ttl / 3
         self._shared: dict[str, _Shared] = {}  # by model id
         self._granting: dict[str, asyncio.Task] = {}  # one acquire per model at a time
@@ -100,18 +102,37 @@ class LeaseKeeper:
         """A hold on the model's lease, once the model is loaded.
 
         If the request is cancelled (client gone) while a grant is on its way, the grant
-        still arrives and is shared or given back, never lost.
+        still arrives and is shared or given back, never lost. A request waits at most
+        `acquire_timeout`, then gets 503 model_unavailable.
         """
+        deadline = time.monotonic() + self.acquire_timeout
         while True:
             shared = self._shared.get(model_id)
+            if shared is not None and time.monotonic() - shared.renewed > self.lease_ttl:
+                # Not extended for a whole ttl: the controller has expired it by now.
+                self._lose(shared, "its renewals failed for longer than its ttl")
+                shared = None
             if shared is not None:
+                self._keep_renewing()  # a watchdog: a renewer that died is started again
                 return self._hold(shared)
             grant = self._granting.get(model_id)
             if grant is None:
-                grant = self._spawn(self._acquire(model_id))
+                grant = self._spawn(self._grant(model_id))
                 self._granting[model_id] = grant
-                grant.add_done_callback(lambda task: self._granted(model_id, task))
-            await asyncio.shield(grant)
+            # A registered grant is never finished (it unregisters itself in its last step),
+            # so this always suspends: a loop around a finished future would never yield.
+            try:
+                await asyncio.wait_for(asyncio.shield(grant), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    503,
+                    f"Model {model_id} was not ready within {self.acquire_timeout:.0f} s (still "
+                    "loading, or the fleet controller did not answer); retry later",
+                    "model_unavailable",
+                    param="model",
+                    code="model_unavailable",
+                    headers={"retry-after": "5"},
+                ) from None
 
     def release(self, hold: Hold) -> None:
         """End one request's hold (once: later calls do nothing) without making it wait."""
@@ -151,14 +172,21 @@ class LeaseKeeper:
         shared.holds += 1
         return Hold(shared.lease)
 
-    def _granted(self, model_id: str, task: asyncio.Task) -> None:
-        self._granting.pop(model_id, None)
-        if task.cancelled() or task.exception() is not None:
-            return
-        shared = _Shared(task.result(), self._loop.create_future())
+    async def _grant(self, model_id: str) -> None:
+        """Ask the controller, then share the lease. The state changes in the task's own
+        last step, not in a done-callback: a request arriving between the two would find a
+        finished grant and no lease."""
+        try:
+            lease = await self._acquire(model_id)
+        finally:
+            del self._granting[model_id]
+        shared = _Shared(lease, self._loop.create_future(), renewed=time.monotonic())
         self._shared[model_id] = shared
         # Until a waiting request takes a hold, the lease lingers like an idle one.
         shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
+        self._keep_renewing()
+
+    def _keep_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
             self._renewer = self._spawn(self._renew_while_held())
 
@@ -201,20 +229,29 @@ class LeaseKeeper:
         held = {s.lease.id: model for model, s in self._shared.items()}
         if not held:
             return
+        sent = time.monotonic()  # the controller extends them from about now
         try:
             lost = await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
         except Exception as error:  # the next round tries again; expiry is far away
             logger.warning("renewing %d lease(s) failed: %r", len(held), error)
             return
-        for lease_id in lost:
-            # The controller no longer knows it (expired while it was unreachable): the
-            # next request asks for a new one.
-            model = held[lease_id]
+        for lease_id, model in held.items():
             shared = self._shared.get(model)
-            if shared is not None and shared.lease.id == lease_id:
-                logger.warning("lease %s on model %s was lost; taking a new one", lease_id, model)
-                del self._shared[model]
-                shared.lost.set_result(None)
+            if shared is None or shared.lease.id != lease_id:
+                continue
+            if lease_id in lost:
+                # The controller no longer knows it (expired while it was unreachable, or its
+                # node left): the next request asks for a new one.
+                self._lose(shared, "the controller no longer knows it")
+            else:
+                shared.renewed = sent
+
+    def _lose(self, shared: _Shared, why: str) -> None:
+        logger.warning("lease %s on model %s was lost (%s); taking a new one", shared.lease.id, shared.lease.model, why)
+        if self._shared.get(shared.lease.model) is shared:
+            del self._shared[shared.lease.model]
+        if not shared.lost.done():
+            shared.lost.set_result(None)
 
     async def _send_release(self, lease: Lease) -> None:
         for attempt in range(RELEASE_ATTEMPTS):

@@ -96,3 +96,80 @@ def test_a_lease_the_controller_lost_is_replaced(monkeypatch):
         keeper.release(fresh)
 
     run(test)
+
+
+def _finishes(test, timeout: float = 5.0) -> bool:
+    """Run `test` (as `run` does) on a thread of its own: an event loop that spins without
+    ever suspending cannot be timed out from inside, only from outside."""
+    import threading
+
+    done = threading.Event()
+
+    def main():
+        run(test)
+        done.set()
+
+    threading.Thread(target=main, daemon=True).start()
+    return done.wait(timeout)
+
+
+def test_a_request_arriving_as_the_grant_completes_waits_instead_of_spinning():
+    """The wedge of issue 27: a request entering `acquire` in the loop iteration in which the
+    grant's task finished, before the task's done-callbacks ran, found the finished task
+    still registered; awaiting a finished future never suspends, so it looped for good and
+    starved the event loop (renewals stopped, every request hung)."""
+
+    async def test(controller, keeper):
+        granted = asyncio.get_running_loop().create_future()
+
+        async def slow_acquire(model):
+            lease = await granted
+            controller.granted.append(lease)
+            return lease
+
+        controller.acquire = Method(slow_acquire)
+        first = asyncio.ensure_future(keeper.acquire("m"))
+        await asyncio.sleep(0.01)  # the grant is on its way
+        granted.set_result(Lease("lease-0", "m", ttl=3))
+        # Scheduled right behind the grant task's last step, ahead of its done-callbacks.
+        second = asyncio.ensure_future(keeper.acquire("m"))
+        holds = await asyncio.wait_for(asyncio.gather(first, second), 2)
+        assert {hold.id for hold in holds} == {"lease-0"} and len(controller.granted) == 1
+
+    assert _finishes(test), "acquire spun without suspending (event loop starved)"
+
+
+def test_a_lease_whose_renewals_keep_failing_is_replaced_after_its_ttl():
+    async def test(controller, keeper):
+        hold = await keeper.acquire("m")
+
+        async def unreachable(held):
+            raise ConnectionError("controller unreachable")
+
+        controller.renew = Method(unreachable)
+        await asyncio.sleep(0.4)  # longer than the ttl (0.3 s) without one renewal
+        fresh = await keeper.acquire("m")
+        assert fresh.id != hold.id and len(controller.granted) == 2
+        keeper.release(hold)
+        keeper.release(fresh)
+
+    run(test)
+
+
+def test_a_request_waits_for_its_model_at_most_acquire_timeout():
+    from dialects.errors import ApiError
+
+    async def test(controller, keeper):
+        async def never(model):
+            await asyncio.sleep(3600)
+
+        controller.acquire = Method(never)
+        keeper.acquire_timeout = 0.2
+        try:
+            await asyncio.wait_for(keeper.acquire("m"), 2)
+        except ApiError as error:
+            assert error.status == 503 and error.code == "model_unavailable"
+        else:
+            raise AssertionError("acquire returned without a lease")
+
+    run(test)
