@@ -50,7 +50,7 @@ def main() -> None:
     repeats = parser.parse_args().repeats
     run_started = time.perf_counter()
     samples: dict[str, list[float]] = defaultdict(list)
-    default_form = "float32" if AppConfig.model_fields["gguf_dequantize"].default else "native"
+    default_form = "float32" if AppConfig.model_fields["gguf_dequantize"].get_default(call_default_factory=True) else "native"
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as scratch:
         for repeat in range(repeats):

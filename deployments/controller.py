@@ -124,7 +124,9 @@ class Controller:
             0 if several else memory_limit_bytes(config.memory_limit),
             catalog,
             {
-                entry.id: estimate_model_bytes(entry.path, config.replica_overhead_bytes, entry.memory_bytes)
+                entry.id: estimate_model_bytes(
+                    entry.path, config.replica_overhead_bytes, entry.memory_bytes, config.gguf_dequantize
+                )
                 for entry in catalog
             },
             lease_ttl=config.lease_ttl_seconds,

@@ -73,6 +73,9 @@ class ModelServer:
         # Models are local files or the local hub cache; nothing downloads unless the operator
         # allowed it. Set before mlx-lm (and so huggingface_hub) is imported, on first load.
         os.environ["HF_HUB_OFFLINE"] = "0" if config.allow_download else "1"
+        from deployments import mlx_runtime  # before any MLX import: it chooses MLX's BLAS
+
+        self.blas = mlx_runtime.BLAS
         self.entry = entry
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")
         self._load_lock = asyncio.Lock()
@@ -90,11 +93,12 @@ class ModelServer:
                 logger.info("loading model %s from %s", self.entry.id, self.entry.path)
                 report = await self.run_mlx(self._load_measured)
                 logger.info(
-                    "loaded model %s in %.2f s: weights %.1f MB, process %.1f MB",
+                    "loaded model %s in %.2f s: weights %.1f MB, process %.1f MB, BLAS %s",
                     self.entry.id,
                     report.seconds,
                     report.weights_bytes / 1e6,
                     report.process_bytes / 1e6,
+                    self.blas or "bundled",
                 )
                 self._report = await self._after_load(report)
             return self._report

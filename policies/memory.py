@@ -64,20 +64,31 @@ def format_gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB"
 
 
-def weight_files_bytes(path: str | Path) -> int | None:
-    """Bytes of a model's weight files (a folder's *.safetensors, or a GGUF file); None when
-    nothing is on disk to measure (a hub model not downloaded yet)."""
+# GGUF weights expanded to float32 take about this many times their file: Q4_0/Q4_1 store
+# 4.5-5 bits a weight, Q8_0 8.5 (SmolLM2's Q4_1 file: 98 MB -> 517 MB). The load measures
+# the real size; this only keeps the first placement from planning on a fifth of it.
+GGUF_FLOAT32_EXPANSION = 6.0
+
+
+def weight_files_bytes(path: str | Path, gguf_float32: bool = False) -> int | None:
+    """Bytes of a model's weight files (a folder's *.safetensors, or a GGUF file, as it will
+    be loaded); None when nothing is on disk to measure (a hub model not downloaded yet)."""
     path = Path(path)
     if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
+        gguf = [path]
+        safetensors = 0
+    elif path.is_dir():
+        gguf = list(path.glob("*.gguf"))
+        safetensors = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    else:
         return None
-    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) + sum(
-        f.stat().st_size for f in path.glob("*.gguf")
-    )
+    expansion = GGUF_FLOAT32_EXPANSION if gguf_float32 else 1.0
+    return safetensors + int(sum(f.stat().st_size for f in gguf) * expansion)
 
 
-def estimate_model_bytes(path: str | Path, replica_overhead: int, override: int | None = None) -> int | None:
+def estimate_model_bytes(
+    path: str | Path, replica_overhead: int, override: int | None = None, gguf_float32: bool = False
+) -> int | None:
     """What a model will cost once loaded: its weights plus its replica process; None when
     its weights are not on disk to measure.
 
@@ -85,5 +96,5 @@ def estimate_model_bytes(path: str | Path, replica_overhead: int, override: int 
     """
     if override is not None:
         return override
-    weights = weight_files_bytes(path)
+    weights = weight_files_bytes(path, gguf_float32)
     return None if weights is None else weights + replica_overhead

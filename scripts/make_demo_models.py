@@ -677,7 +677,8 @@ def copy_smollm2(out: Path, name: str) -> None:
     defaults = AppConfig.model_fields
     # The cache key is the file's name, size and mtime: the same from this build folder.
     converted = converted_model_dir(
-        out / SMOLLM2_GGUF, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].default
+        out / SMOLLM2_GGUF, defaults["gguf_cache_dir"].default,
+        defaults["gguf_dequantize"].get_default(call_default_factory=True),
     )
     log(f"  {name}: converted for mlx-lm into {converted}")
 

@@ -19,6 +19,10 @@ import httpx
 import pytest
 import yaml
 
+# In-process references run MLX under the same BLAS as the model replicas (same floats, same
+# greedy tokens): chosen before any test module imports MLX.
+import deployments.mlx_runtime  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "mlx-fleet"
 # Prompt caches the test apps save when their models unload: one folder per app, out of the

@@ -39,7 +39,7 @@ def in_process(demo_models):
 
     gguf = gguf_file(demo_models / MODEL)
     defaults = AppConfig.model_fields
-    folder = converted_model_dir(gguf, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].default)
+    folder = converted_model_dir(gguf, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].get_default(call_default_factory=True))
     model, tokenizer = load(str(folder))
 
     def generate(history: list[dict]) -> str:

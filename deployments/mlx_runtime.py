@@ -1,0 +1,71 @@
+"""MLX in a model replica's process: a fast BLAS under MLX's CPU backend, before MLX loads.
+
+The Linux `mlx[cpu]` wheel links netlib's reference BLAS (float32 matmul ~6 GFLOP/s on
+these 2 cores); OpenBLAS does the same matmul at ~200 GFLOP/s (bench/blas.py). Loading
+OpenBLAS's `libblas.so.3` with RTLD_GLOBAL before MLX's library is loaded makes MLX's BLAS
+calls bind to it, as LD_PRELOAD would, without an environment variable that every Ray
+process would inherit. It must happen before the first `import mlx` of the process (MLX's
+extension is bound at load); `MLX_FLEET_BLAS` names another library, or `reference` keeps
+the bundled one. macOS uses Accelerate and Metal: nothing to do there.
+
+Importing this module does it: Ray's prestarted workers import it (`RAY_preload_python_modules`,
+see serve_config.yaml) and then MLX, so a model's first load finds both ready.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("ray.serve")
+
+BLAS_ENV = "MLX_FLEET_BLAS"
+# Debian/Ubuntu's OpenBLAS (`libopenblas0-pthread`; `make setup` installs it), then others'.
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+
+def find_blas() -> str | None:
+    """The optimized BLAS to put under MLX here, or None (not Linux, none found, or refused)."""
+    chosen = os.environ.get(BLAS_ENV, "")
+    if chosen == "reference" or not sys.platform.startswith("linux"):
+        return None
+    if chosen:
+        return chosen
+    arch = platform.machine()
+    for candidate in OPENBLAS_CANDIDATES:
+        path = Path(candidate.format(arch=arch))
+        if path.exists():
+            return str(path)
+    return None
+
+
+def _load_blas() -> str | None:
+    if "mlx.core" in sys.modules:
+        logger.warning("MLX was imported before its BLAS could be chosen: it keeps the bundled one")
+        return None
+    path = find_blas()
+    if path is None:
+        if sys.platform.startswith("linux") and os.environ.get(BLAS_ENV) != "reference":
+            logger.warning(
+                "no OpenBLAS found: MLX's CPU backend runs on its reference BLAS, about 30x slower "
+                "for float32 matmuls (install Debian's libopenblas0-pthread, or set %s)", BLAS_ENV
+            )
+        return None
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as error:
+        logger.warning("could not load BLAS %s (%s): MLX keeps its reference BLAS", path, error)
+        return None
+    return path
+
+
+BLAS: str | None = _load_blas()
