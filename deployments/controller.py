@@ -666,12 +666,10 @@ class Controller:
             if self.ledger[model_id].node != node and model_id not in self._loading:
                 retiring.setdefault(model_id, []).append(self._deployment(self.ledger[model_id], node))
         # One unloading task per model: a load of it waits for all of its spares to stop.
-        tasks = [
-            self._unloading_task(
-                model_id, asyncio.gather(*(self.scaler.scale_and_wait(name, 0) for name in deployments))
-            )
-            for model_id, deployments in retiring.items()
-        ]
+        async def retire(deployments: list[str]) -> None:
+            await asyncio.gather(*(self.scaler.scale_and_wait(name, 0) for name in deployments))
+
+        tasks = [self._unloading_task(model_id, retire(deployments)) for model_id, deployments in retiring.items()]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         stuck = [m for m, result in zip(retiring, results) if isinstance(result, BaseException)]
         logger.info(

@@ -1,0 +1,79 @@
+"""What runs is what the ledger says runs: the replica processes Serve really runs (found by
+their process titles, `ray::ServeReplica:<app>:<deployment>`) against `/admin/models`.
+
+A model replica runs exactly when the ledger charges its model: no weightless replica left
+over from start-up, none left behind by an eviction, none started unseen.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+from tests.conftest import APP_NAME, wait_for
+from policies.config import CONTROLLER_NAME, INGRESS_NAME, deployment_name
+
+FLEET = {INGRESS_NAME, CONTROLLER_NAME}
+
+
+def replica_processes(app: str = APP_NAME) -> dict[str, list[int]]:
+    """{deployment: pids of its replica processes} for the application, from the OS."""
+    prefix = f"ray::ServeReplica:{app}:"
+    found: dict[str, list[int]] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith(prefix):
+            found.setdefault(cmdline[0][len(prefix):].split()[0], []).append(process.pid)
+    return found
+
+
+def charged(http) -> dict[str, dict]:
+    """{deployment: model view} of the models the ledger charges (loaded or loading)."""
+    models = http.get("/admin/models").json()["models"]
+    return {deployment_name(m["id"]): m for m in models if m["memory_bytes"] is not None}
+
+
+def settled(http) -> bool:
+    return all(m["status"] in ("loaded", "unloaded") for m in http.get("/admin/models").json()["models"])
+
+
+def assert_processes_match_ledger(http, timeout: float = 30) -> None:
+    last: list = []
+
+    def match() -> bool:
+        running, models = replica_processes(), charged(http)
+        last[:] = [running, sorted(models)]
+        return settled(http) and set(running) == FLEET | set(models) and all(
+            len(pids) == 1 for pids in running.values()
+        )
+
+    try:
+        wait_for(match, "replica processes == ingress + controller + charged models", timeout)
+    except AssertionError:
+        raise AssertionError(f"processes {last[0]} != ledger {last[1]} (+ ingress, controller)") from None
+
+
+def test_serve_runs_exactly_the_models_the_ledger_charges(http):
+    # Right after start and long after it alike: nothing weightless is kept running.
+    assert_processes_match_ledger(http)
+    time.sleep(6)  # past any start-up grace
+    assert_processes_match_ledger(http, timeout=5)
+    for model in charged(http).values():
+        assert model["status"] == "loaded" and model["process_bytes"] > 0
+
+
+def test_a_load_and_an_unload_start_and_stop_one_process(http):
+    model = "tiny-llama"
+    reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    assert_processes_match_ledger(http)
+    assert deployment_name(model) in replica_processes()
+    view = charged(http)[deployment_name(model)]
+    pid = replica_processes()[deployment_name(model)][0]
+    # The ledger charges the process that runs (RSS measured at load, within what it is now).
+    rss = psutil.Process(pid).memory_info().rss
+    assert 0.5 * rss <= view["process_bytes"] <= 1.5 * rss
+    assert http.post(f"/admin/models/{model}/unload").status_code == 200
+    assert_processes_match_ledger(http)
+    assert deployment_name(model) not in replica_processes()
