@@ -2,10 +2,12 @@
 
     applications:
       - import_path: graph:build_app
-        external_scaler_enabled: true
+        autoscaling_policy: {policy_function: deployments.replica_policy:fleet_replicas}
         args: {models: [...], memory_limit: "75%"}
 
 Config is validated once here; every deployment receives the validated, resolved catalog.
+Model deployments are declared with no replica; the fleet controller alone sets their
+counts, which the application's autoscaling policy hands to Serve (`deployments.replica_policy`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ray.serve import Application
 from deployments.controller import Controller
 from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
+from deployments.replica_policy import POLICY_FUNCTION, zero_replicas
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
 from policies.features import text_features
@@ -142,6 +145,7 @@ def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Appl
             node: kinds[entry.type]
             .deployment.options(
                 name=name,
+                autoscaling_config=zero_replicas(),
                 max_ongoing_requests=config.max_ongoing_requests,
                 # Only idle replicas are scaled down (the controller waits for requests in
                 # flight), so there is nothing to drain: Serve's 2 s drain loop is pure delay.
@@ -160,6 +164,44 @@ def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Appl
     return Ingress.options(ray_actor_options={"num_cpus": 0, **head}).bind(
         config, catalog, capabilities, controller, models
     )
+
+
+def application_config(
+    args: dict[str, Any], name: str, route_prefix: str = "/", import_path: str = "graph:build_app"
+) -> dict[str, Any]:
+    """One application of a Serve config, as serve_config.yaml declares it: the fleet's
+    replica counts need the application-level policy, which only a config can set."""
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": import_path,
+        "autoscaling_policy": {"policy_function": POLICY_FUNCTION},
+        "args": args,
+    }
+
+
+def deploy(applications: list[dict[str, Any]], timeout: float = 180) -> None:
+    """Deploy these applications (`application_config`s) on the running Serve instance and
+    wait until they run. Declarative, as `serve deploy`: config-deployed applications not
+    in the list are deleted."""
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=applications))
+    deadline = time.monotonic() + timeout
+    names = {app["name"] for app in applications}
+    while time.monotonic() < deadline:
+        statuses = {name: serve.status().applications.get(name) for name in names}
+        failed = {n: s.message for n, s in statuses.items() if s and s.status in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            raise RuntimeError(f"applications failed to deploy: {failed}")
+        if all(s is not None and s.status == "RUNNING" for s in statuses.values()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"applications {sorted(names)} were not running after {timeout:.0f} s")
 
 
 def _on_node(selector: dict[str, str] | None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
     import ray
     from ray import serve
 
-    from graph import build_app
+    from graph import application_config, deploy
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     os.environ.pop("RAY_ADDRESS", None)  # "local" must mean a new cluster of our own
@@ -65,7 +65,7 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=name, route_prefix="/", external_scaler_enabled=True)
+        deploy([application_config(args, name)])
         base_url = f"http://127.0.0.1:{port}"
         _wait_until_settled(base_url, name, settle_timeout)
         yield base_url
@@ -76,11 +76,7 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
 
 
 def _wait_until_settled(base_url: str, app_name: str, timeout: float) -> None:
-    """Wait until unpinned models are unloaded and their deployments have no replica left.
-
-    The admin view says "unloaded" from the start (no weights), while the weightless start
-    replicas are still being stopped: Serve's own replica counts tell when that is done.
-    """
+    """Wait until unpinned models are unloaded and their deployments have no replica."""
     from ray import serve
 
     from policies.config import deployment_name

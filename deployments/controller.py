@@ -43,8 +43,6 @@ logger = logging.getLogger("ray.serve")
 # restarts a dead replica without them), and how long one answer may take.
 REPLICA_CHECK_SECONDS = 10.0
 REPLICA_ANSWER_SECONDS = 10.0
-# How long replicas without weights found at start stay up for a request that wants them.
-SPARE_GRACE_SECONDS = 5.0
 # Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
 # default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
 GAUGE_REPUBLISH_SECONDS = 5.0
@@ -580,23 +578,17 @@ class Controller:
     # -- start, restart and expiry --------------------------------------------------------------
 
     async def _start(self) -> None:
-        """Adopt what Serve really runs, load pinned models, stop weightless replicas.
+        """Adopt what Serve really runs, then load pinned models.
 
-        At a fresh start every model deployment has one replica without weights. After a
-        controller restart some replicas hold weights (adopted as loaded, with the leases of
-        the requests they serve) and some are starting or loading (their load finishes).
-        With several nodes, the nodes in the cluster are found first; the deployments on
-        nodes that are not there are scaled to zero (their replicas could never start).
+        Model deployments are declared with no replica, so a fresh start finds none. After
+        a controller restart some replicas hold weights (adopted as loaded, with the leases
+        of the requests they serve) and some are starting or loading for a request the
+        previous controller took (their load finishes). Every other deployment is set to
+        zero: nothing runs that the ledger does not charge. With several nodes, the nodes
+        in the cluster are found first.
         """
         if self.monitor:
             await self.monitor.check()
-            absent = [
-                self._deployment(r, node)
-                for r in self.ledger.models.values()
-                for node in self.models[r.id]
-                if not self.ledger.nodes[node].alive
-            ]
-            await asyncio.gather(*(self.scaler.scale(name, 0) for name in absent), return_exceptions=True)
         await self.scaler.wait_until_app_settled()
         replicas = await self.scaler.replica_states()
         now = time.time()
@@ -611,38 +603,38 @@ class Controller:
                 for record, node, counts in placements
             )
         )
-        spares: list[tuple[str, str]] = []
         for (record, node, counts), state in zip(placements, states):
             running = counts.get(ReplicaScaler.RUNNING, 0)
             starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
-            if record.status != Status.UNLOADED:  # found on another node already
-                if running or starting:
-                    spares.append((record.id, node))
-            elif state is not None and state.weights != "none":
+            if record.status != Status.UNLOADED or not self.ledger.nodes[node].alive:
+                continue  # found on another node already, or its node is not here
+            if state is not None and state.weights != "none":
                 status = Status.LOADED if state.weights == "loaded" else Status.LOADING
                 measured = state.report.measured() if state.report else None
                 self.ledger.adopt(record.id, status, measured, state.leases, now, node)
                 if state.usage is not None:
                     self.ledger.report_usage(record.id, state.usage)
-            elif starting and not running and self.ledger.nodes[node].alive:
+            elif running or starting:
                 # A previous controller was starting this model for a request: finish the load.
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
-            elif running:
-                spares.append((record.id, node))
+        await self.scaler.scale_all(
+            {
+                self._deployment(record, node): int(record.holds_memory and record.node == node)
+                for record, node, _ in placements
+            }
+        )
         records = list(self.ledger.models.values())
         for record in records:
             if record.status == Status.LOADING:
                 self._single_flight(self._loading, record.id, self._load)
         logger.info(
-            "controller ready: budget %s on %d node(s), adopted %s, %d replicas without weights",
+            "controller ready: budget %s on %d node(s), adopted %s",
             format_gb(self.ledger.limit),
             sum(n.alive for n in self.ledger.nodes.values()),
             [r.id for r in records if r.holds_memory] or "no loaded models",
-            len(spares),
         )
         self._ready.set()
         await self._notify()
-        self._spawn(self._retire_spares(spares))
         await self._load_pinned()
 
     async def _load_pinned(self) -> None:
@@ -652,31 +644,6 @@ class Controller:
                     await self.preload(record.id)
                 except ApiError as error:
                     logger.error("pinned model %s not loaded: %s", record.id, error.message)
-
-    async def _retire_spares(self, spares: list[tuple[str, str]]) -> None:
-        """Stop the weightless replicas found at start, unless a request wanted one first.
-
-        A request that comes within SPARE_GRACE_SECONDS (the first after start, or one that
-        retried through a controller restart) loads into the replica already running
-        rather than waiting for a new process.
-        """
-        await asyncio.sleep(SPARE_GRACE_SECONDS)
-        retiring: dict[str, list[str]] = {}
-        for model_id, node in spares:
-            if self.ledger[model_id].node != node and model_id not in self._loading:
-                retiring.setdefault(model_id, []).append(self._deployment(self.ledger[model_id], node))
-        # One unloading task per model: a load of it waits for all of its spares to stop.
-        async def retire(deployments: list[str]) -> None:
-            await asyncio.gather(*(self.scaler.scale_and_wait(name, 0) for name in deployments))
-
-        tasks = [self._unloading_task(model_id, retire(deployments)) for model_id, deployments in retiring.items()]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        stuck = [m for m, result in zip(retiring, results) if isinstance(result, BaseException)]
-        logger.info(
-            "stopped the replicas without weights of %d models%s",
-            len(retiring) - len(stuck),
-            f"; Serve is still stopping {stuck}" if stuck else "",
-        )
 
     async def _expire_leases(self) -> None:
         expired = self.ledger.expire_leases(time.time())

@@ -1,9 +1,10 @@
 """Sets and watches a model deployment's replica count (0 or 1).
 
-Ray Serve's external-scaler API (`external_scaler_enabled: true`): the dashboard's
-`POST /api/v1/applications/{app}/deployments/{name}/scale` calls
-`update_deployment_replicas` on the Serve controller actor. We call the actor directly: no
-HTTP hop, no dashboard or auth token needed. It is a private API, so it lives only here.
+The count is the fleet controller's alone: it is written where the application's
+autoscaling policy reads it (`deployments.replica_policy`), and Serve's next control-loop
+tick applies it. Whether replicas run is read from `serve.status()`, only while a scale
+waits (a scale-up needs no polling: the load call waits in Serve's router until the
+replica runs).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import ray
 from ray import serve
-from ray.serve._private.common import DeploymentID, ReplicaState
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve._private.common import ReplicaState
 from ray.serve.schema import ApplicationStatus
 
-POLL_SECONDS = 0.1
+from deployments.replica_policy import ReplicaTargets
+
+POLL_SECONDS = 0.2
 # A replica start is seconds; a model deployment that has not reached its count in this long
 # will not (its constructor fails, or the cluster has no room): the caller gets an error.
 SCALE_TIMEOUT_SECONDS = 120.0
@@ -35,14 +36,13 @@ class ReplicaScaler:
 
     def __init__(self, app_name: str):
         self.app_name = app_name
-        self._serve_controller = None
+        self.targets = ReplicaTargets(app_name)
 
     async def scale(self, deployment: str, replicas: int) -> None:
-        if self._serve_controller is None:
-            self._serve_controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        await self._serve_controller.update_deployment_replicas.remote(
-            DeploymentID(name=deployment, app_name=self.app_name), replicas
-        )
+        await self.scale_all({deployment: replicas})
+
+    async def scale_all(self, counts: dict[str, int]) -> None:
+        await asyncio.to_thread(self.targets.set, counts)
 
     async def replica_states(self) -> dict[str, dict[str, int]]:
         """For each deployment of the application, how many replicas are in which state."""

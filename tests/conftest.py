@@ -94,16 +94,29 @@ def serve_port(ray_cluster) -> int:
     return port
 
 
-def run_app(args: dict, port: int, name: str = APP_NAME, route_prefix: str = "/") -> str:
-    """Deploy the application from `args` and return its base URL."""
-    from ray import serve
+# The applications this session deployed, by name: a Serve config is declarative, so each
+# deploy names them all (an unchanged one is left running as it is).
+DEPLOYED: dict[str, dict] = {}
 
-    from graph import build_app
+
+def run_app(
+    args: dict, port: int, name: str = APP_NAME, route_prefix: str = "/", import_path: str = "graph:build_app"
+) -> str:
+    """Deploy the application from `args`, as `serve run` would, and return its base URL."""
+    from graph import application_config, deploy
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     args = {"prompt_cache_dir": str(PROMPT_CACHE_DIR / name), **args}
-    serve.run(build_app(args), name=name, route_prefix=route_prefix, external_scaler_enabled=True)
+    DEPLOYED[name] = application_config(args, name, route_prefix, import_path)
+    deploy(list(DEPLOYED.values()))
     return f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+
+
+def delete_app(name: str) -> None:
+    from graph import deploy
+
+    if DEPLOYED.pop(name, None) is not None:
+        deploy(list(DEPLOYED.values()))
 
 
 @pytest.fixture(scope="session")

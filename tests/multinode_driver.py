@@ -117,12 +117,12 @@ class Fleet:
         # One machine: proxies on every node would all bind this port.
         serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
 
-        from graph import build_app
+        from graph import application_config, deploy
 
         os.chdir(ROOT)
         args = {"prompt_cache_dir": str(WORK_DIR / "prompt-cache"), **self.config["args"]}
         log(f"Serve started at {time.monotonic() - started:.1f} s")
-        serve.run(build_app(args), name="mlx-fleet", route_prefix="/", external_scaler_enabled=True)
+        deploy([application_config(args, "mlx-fleet")])
         log(f"application running at {time.monotonic() - started:.1f} s")
         self.report_nodes()
         return f"http://127.0.0.1:{port}"

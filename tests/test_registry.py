@@ -11,6 +11,8 @@ from typing import AsyncIterator
 import httpx
 from ray import serve
 
+from tests.conftest import delete_app, run_app
+
 from policies.generation import GenerationRequest
 from policies.events import Content, Finish
 from deployments.registry import MODEL_KINDS, ModelKind
@@ -45,11 +47,17 @@ class EchoModel:
         yield [finish]
 
 
+KINDS = {**MODEL_KINDS, "echo": ModelKind(EchoModel, Capabilities(frozenset({CHAT})))}
+
+
+def build_echo(args: dict):
+    """The application with the echo type registered (its import path for the config)."""
+    return build_application(args, KINDS)
+
+
 def test_registering_a_new_type(serve_port, base_url):
-    kinds = {**MODEL_KINDS, "echo": ModelKind(EchoModel, Capabilities(frozenset({CHAT})))}
     args = {"models": [{"id": "parrot", "path": "models/tiny-llama", "type": "echo", "family": "echo"}]}
-    serve.run(build_application(args, kinds), name="mlx-fleet-echo", route_prefix="/echo", external_scaler_enabled=True)
-    url = f"http://127.0.0.1:{serve_port}/echo"
+    url = run_app(args, serve_port, "mlx-fleet-echo", "/echo", import_path="tests.test_registry:build_echo")
     try:
         card = httpx.get(f"{url}/v1/models/parrot").json()
         assert (card["type"], card["family"]) == ("echo", "echo")
@@ -64,4 +72,4 @@ def test_registering_a_new_type(serve_port, base_url):
         assert completion.status_code == 400
         assert "does not serve /v1/completions" in completion.json()["error"]["message"]
     finally:
-        serve.delete("mlx-fleet-echo")
+        delete_app("mlx-fleet-echo")

@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 from ray import serve
 
-from tests.conftest import run_app
+from tests.conftest import delete_app, run_app
 
 APP = "mlx-fleet-warm"
 KEY = "warm"
@@ -37,7 +37,7 @@ def warm_url(demo_models, serve_port, base_url, store):
     }
     run_app(args, serve_port, name=APP, route_prefix="/warm")
     yield f"http://127.0.0.1:{serve_port}/warm"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 @pytest.fixture(scope="module")
