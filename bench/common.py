@@ -30,6 +30,12 @@ PACKAGES = ("ray", "mlx", "mlx-lm", "mlx-vlm", "mlx-embeddings")
 Summary = dict[str, float | int]
 
 
+def fleet_env() -> dict[str, str]:
+    """The Ray settings `make serve` starts the fleet with (ops/fleet.env)."""
+    lines = (ROOT / "ops" / "fleet.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -53,6 +59,8 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     os.environ.pop("RAY_ADDRESS", None)  # "local" must mean a new cluster of our own
+    if os.environ.get("BENCH_RAY_DEFAULTS") != "1":  # the Ray settings `make serve` uses
+        os.environ.update({k: v for k, v in fleet_env().items() if k not in os.environ})
     prompt_caches = tempfile.TemporaryDirectory(prefix="mlx-fleet-bench-prompt-cache-")
     args = {"prompt_cache_dir": prompt_caches.name, **args}
     ray.init(

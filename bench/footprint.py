@@ -31,7 +31,7 @@ import httpx
 import psutil
 import yaml
 
-from bench.common import ROOT, Summary, free_port, write_result
+from bench.common import ROOT, Summary, fleet_env, free_port, write_result
 from bench.memory import label
 
 LOADED = ["smollm2-135m-instruct", "tiny-llama", "bench-llama-20m", "all-MiniLM-L6-v2"]
@@ -85,11 +85,11 @@ def memory(root: psutil.Process) -> tuple[float, float, int]:
     return pss / MB, rss / MB, count
 
 
-def wait_for(url: str, timeout: float = 180) -> float:
+def wait_for(url: str, timeout: float = 180, ok=lambda status: status == 200) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if ok(httpx.get(url, timeout=2).status_code):
                 return time.perf_counter() - started
         except httpx.HTTPError:
             pass
@@ -98,7 +98,7 @@ def wait_for(url: str, timeout: float = 180) -> float:
 
 
 def settle(base: str, seconds: float = 15) -> None:
-    """Start-up is over once no model is loading and Serve has stopped weightless replicas."""
+    """Start-up is over once no model is loading (and Ray's own start-up work has died down)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         models = httpx.get(f"{base}/admin/models", timeout=10).json()["models"]
@@ -108,6 +108,69 @@ def settle(base: str, seconds: float = 15) -> None:
     time.sleep(seconds)
 
 
+def launch(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def idle_figures(figures: dict, phase: str, root: psutil.Process, seconds: float) -> None:
+    cpu, busiest = idle_cpu(root, seconds)
+    pss, rss, count = memory(root)
+    figures[f"{phase}_cpu_percent_of_a_core"] = cpu
+    figures[f"{phase}_pss_mb"] = pss
+    figures[f"{phase}_rss_mb"] = rss
+    figures[f"{phase}_processes"] = float(count)
+    print(f"{phase}: {cpu:.1f} % of a core, PSS {pss:.0f} MB, RSS {rss:.0f} MB, {count} processes; busiest:")
+    for share, name in busiest:
+        print(f"  {share:5.1f} %  {name}")
+
+
+def serve_config(config: dict, port: int) -> str:
+    """`config` with its HTTP port set, written where `serve run` can read it."""
+    config = {**config, "http_options": {**config.get("http_options", {}), "port": port}}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, delete=False) as file:
+        yaml.safe_dump(config, file)
+    return file.name
+
+
+def measure_floor(figures: dict, env: dict[str, str], seconds: float, deployments: int) -> None:
+    """Bare Ray + Serve, then a trivial application of the fleet's shape, each started and
+    measured as the fleet is."""
+    serve_bin = str(Path(sys.executable).parent / "serve")
+    port = free_port()
+    started = time.perf_counter()
+    process = launch([sys.executable, "-m", "bench.floor", "--port", str(port)], env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/", ok=lambda status: True)
+        figures["floor_start_s"] = time.perf_counter() - started
+        time.sleep(15)
+        idle_figures(figures, "floor", psutil.Process(process.pid), seconds)
+    finally:
+        stop(process)
+    port = free_port()
+    app = {"name": "trivial", "route_prefix": "/", "import_path": "bench.floor:build_trivial",
+           "autoscaling_policy": {"policy_function": "deployments.replica_policy:fleet_replicas"},
+           "args": {"deployments": deployments}}
+    path = serve_config({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1"}, "applications": [app]}, port)
+    started = time.perf_counter()
+    process = launch([serve_bin, "run", path], env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/")
+        figures["trivial_app_start_s"] = time.perf_counter() - started
+        time.sleep(15)
+        idle_figures(figures, "trivial_app", psutil.Process(process.pid), seconds)
+    finally:
+        stop(process)
+        os.unlink(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--idle-seconds", type=float, default=30)
@@ -115,21 +178,22 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for `serve run` (to try Ray settings)")
     parser.add_argument("--no-load", action="store_true", help="measure the idle stack only")
+    parser.add_argument("--no-floor", action="store_true", help="skip Ray + Serve's own floor")
+    parser.add_argument("--ray-defaults", action="store_true", help="without ops/fleet.env's settings")
     args = parser.parse_args()
-    port = free_port()
     config = yaml.safe_load((ROOT / args.config).read_text())
-    config["http_options"]["port"] = port
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           **dict(item.split("=", 1) for item in args.env)}
+    tuned = {} if args.ray_defaults else fleet_env()
+    env = {**os.environ, **tuned, "HF_HUB_OFFLINE": "1", **dict(item.split("=", 1) for item in args.env)}
     env.pop("RAY_ADDRESS", None)
-    base = f"http://127.0.0.1:{port}"
     figures: dict[str, Summary | float] = {}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, delete=False) as file:
-        yaml.safe_dump(config, file)
+    if not args.no_floor:
+        measure_floor(figures, env, args.idle_seconds, len(config["applications"][0]["args"]["models"]))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    path = serve_config(config, port)
     serve_bin = Path(sys.executable).parent / "serve"
     started = time.perf_counter()
-    process = subprocess.Popen([str(serve_bin), "run", file.name], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = launch([str(serve_bin), "run", path], env)
     root = psutil.Process(process.pid)
     try:
         wait_for(f"{base}/v1/models")
@@ -146,22 +210,15 @@ def main() -> None:
                 view = next(m for m in httpx.get(f"{base}/admin/models").json()["models"] if m["id"] == model_id)
                 figures[f"{model_id}_pss_added_mb"] = after - before
                 figures[f"{model_id}_weights_mb"] = (view["weights_bytes"] or 0) / MB
-            cpu, busiest = idle_cpu(root, args.idle_seconds)
-            pss, rss, count = memory(root)
-            figures[f"{phase}_cpu_percent_of_a_core"] = cpu
-            figures[f"{phase}_pss_mb"] = pss
-            figures[f"{phase}_rss_mb"] = rss
-            figures[f"{phase}_processes"] = float(count)
-            print(f"{phase}: {cpu:.1f} % of a core, PSS {pss:.0f} MB, RSS {rss:.0f} MB, {count} processes; busiest:")
-            for share, name in busiest:
-                print(f"  {share:5.1f} %  {name}")
+            idle_figures(figures, phase, root, args.idle_seconds)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        os.unlink(file.name)
+        stop(process)
+        os.unlink(path)
+    if not args.no_floor:
+        for figure in ("cpu_percent_of_a_core", "pss_mb"):
+            figures[f"idle_{figure}_over_floor"] = figures[f"idle_{figure}"] - figures[f"floor_{figure}"]
+            figures[f"idle_{figure}_over_trivial_app"] = figures[f"idle_{figure}"] - figures[f"trivial_app_{figure}"]
+        figures["start_over_trivial_app"] = figures["start_to_models_s"] / figures["trivial_app_start_s"]
     print()
     write_result("footprint", figures)
 

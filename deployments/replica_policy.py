@@ -76,10 +76,10 @@ def fleet_replicas(contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict]:
     wanted = read_targets(next(iter(contexts)).app_name)
     decisions = {}
     for deployment, ctx in contexts.items():
-        target = ctx.target_num_replicas
+        target, want = ctx.target_num_replicas, wanted.get(deployment.name)
         # Only a scale-down asks what Serve counts in flight (computing it is not free).
-        requests = ctx.total_num_requests if (wanted.get(deployment.name) or 0) < target else 0
-        count = replicas_to_set(wanted.get(deployment.name), target, requests)
+        requests = ctx.total_num_requests if want is not None and want < target else 0
+        count = replicas_to_set(want, target, requests)
         if count is not None:
             decisions[deployment] = count
     return decisions, {}

@@ -39,7 +39,9 @@ def test_base64_default_of_the_openai_client_matches_float(client, http):
     np.testing.assert_allclose(decoded, as_float, rtol=0, atol=1e-7)
     raw = http.post(EMBED, json={"model": MODEL, "input": texts[0], "encoding_format": "base64"}).json()
     vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_allclose(vector, as_float[0], atol=1e-7)
+    # Embedded alone, not beside a longer text: an optimized BLAS sums a matmul of another
+    # shape in another order, so the last float32 digits may differ (seen: 1.1e-7).
+    np.testing.assert_allclose(vector, as_float[0], atol=1e-6)
 
 
 def test_concurrent_single_requests_equal_one_batched_request(client):

@@ -77,3 +77,47 @@ def test_a_load_and_an_unload_start_and_stop_one_process(http):
     assert http.post(f"/admin/models/{model}/unload").status_code == 200
     assert_processes_match_ledger(http)
     assert deployment_name(model) not in replica_processes()
+
+
+def stays_unloaded(http, model: str, seconds: float = 5.0) -> None:
+    """The model's replica is gone and no process of it comes back (Serve's request metrics
+    from the last request must not undo the eviction)."""
+    assert_processes_match_ledger(http)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert deployment_name(model) not in replica_processes(), f"{model}'s replica came back"
+        time.sleep(0.1)
+    assert http.get(f"/v1/models/{model}").json()["status"] == "unloaded"
+
+
+def test_an_eviction_right_after_a_request_is_never_undone(http):
+    model = "tiny-qwen2"
+    for _ in range(3):
+        reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
+        assert http.post(f"/admin/models/{model}/unload").status_code == 200
+        stays_unloaded(http, model, seconds=3)
+
+
+def test_an_eviction_after_a_client_died_mid_request_is_never_undone(http, base_url):
+    import signal
+    import subprocess
+    import sys
+
+    model = "tiny-gemma"
+    client = (
+        "import httpx, sys\n"
+        "body = {'model': sys.argv[2], 'stream': True, 'max_tokens': 2000, "
+        "'messages': [{'role': 'user', 'content': 'hi'}]}\n"
+        "with httpx.stream('POST', sys.argv[1] + '/v1/chat/completions', json=body, timeout=120) as r:\n"
+        "    for line in r.iter_lines():\n"
+        "        if line.startswith('data:'):\n"
+        "            print('streaming', flush=True)\n"
+    )
+    for _ in range(2):
+        process = subprocess.Popen([sys.executable, "-c", client, base_url, model], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "streaming"
+        process.send_signal(signal.SIGKILL)  # the client dies mid-stream
+        process.wait()
+        assert http.post(f"/admin/models/{model}/unload").status_code == 200
+        stays_unloaded(http, model)
