@@ -76,10 +76,7 @@ def fleet_replicas(contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict]:
     wanted = read_targets(next(iter(contexts)).app_name)
     decisions = {}
     for deployment, ctx in contexts.items():
-        target, want = ctx.target_num_replicas, wanted.get(deployment.name)
-        # Only a scale-down asks what Serve counts in flight (computing it is not free).
-        requests = ctx.total_num_requests if want is not None and want < target else 0
-        count = replicas_to_set(want, target, requests)
+        count = replicas_to_set(wanted.get(deployment.name), ctx.target_num_replicas)
         if count is not None:
             decisions[deployment] = count
     return decisions, {}
@@ -95,9 +92,4 @@ def zero_replicas() -> dict[str, Any]:
         "upscale_delay_s": 0,
         "downscale_delay_s": 0,
         "downscale_to_zero_delay_s": 0,
-        # Serve counts a request in the average over `look_back_period_s` of what handles
-        # and replicas report every `metrics_interval_s`: the defaults (30 s, 10 s) would
-        # hold every eviction ~30 s after the model's last request (measured: 28 s).
-        "metrics_interval_s": 1.0,
-        "look_back_period_s": 2.0,
     }

@@ -1,22 +1,23 @@
 """How many replicas a model deployment should have: what the fleet controller wants, as
 Serve's autoscaler is told it (deployments/replica_policy.py runs this inside Serve).
 
-The controller is the only one that decides. Serve's own signals only ever delay a scale
-to zero: a request Serve still counts (in flight, or a handle's metrics not yet updated)
-keeps the replica until it is done, so no stream is cut by an eviction that raced it.
+The controller is the only one that decides, and it scales a model to zero only once no
+lease is held on it (no request runs there). Serve's own request metrics are not consulted:
+they lag by up to `look_back_period_s` (30 s by default) and, from a client that died, 10 s
+more; holding a scale-down on them made every eviction ~2-30 s slower (measured: 28 s with
+the defaults, 2.9 s with a 2 s look-back) while seeing no request the leases miss.
 """
 
 from __future__ import annotations
 
 
-def replicas_to_set(wanted: int | None, current_target: int, requests: float) -> int | None:
+def replicas_to_set(wanted: int | None, current_target: int) -> int | None:
     """The count to give Serve, or None to leave the deployment as it is.
 
     `wanted`: the controller's count (None: it has said nothing of this deployment yet);
-    `current_target`: Serve's target now; `requests`: what Serve counts in flight there.
+    `current_target`: Serve's target now. A deployment left out of the policy's answer is
+    left alone by Serve, its cold-start fast path included.
     """
     if wanted is None or wanted == current_target:
         return None
-    if wanted < current_target and requests > 0:
-        return None  # scaled down once Serve's last request there is over
     return wanted

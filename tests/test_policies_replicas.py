@@ -1,6 +1,6 @@
 """The replica policy's decision (policies/replicas.py) and its reading of Serve's contexts
 (deployments/replica_policy.py), without Ray: the controller's count is the only one that
-moves a deployment, and a scale to zero waits for what Serve still counts."""
+moves a deployment."""
 
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ from policies.replicas import replicas_to_set
 
 
 def test_only_the_controller_moves_a_deployment():
-    assert replicas_to_set(None, 0, requests=3) is None  # it said nothing: left alone
-    assert replicas_to_set(0, 0, requests=3) is None  # at its count: left out, whatever Serve counts
-    assert replicas_to_set(1, 0, requests=0) == 1
-    assert replicas_to_set(1, 1, requests=0) is None
-
-
-def test_a_scale_to_zero_waits_for_the_requests_serve_counts():
-    assert replicas_to_set(0, 1, requests=0.5) is None
-    assert replicas_to_set(0, 1, requests=0) == 0
+    assert replicas_to_set(None, 0) is None  # it said nothing: left alone
+    assert replicas_to_set(0, 0) is None  # at its count: left out (no cold-start fast path)
+    assert replicas_to_set(1, 0) == 1
+    assert replicas_to_set(0, 1) == 0
+    assert replicas_to_set(1, 1) is None
 
 
 @dataclass(frozen=True)
@@ -31,24 +27,16 @@ class DeploymentID:
 @dataclass
 class Context:
     target_num_replicas: int
-    requests: float = 0.0
-    asked: int = 0
-
-    @property
-    def total_num_requests(self) -> float:
-        self.asked += 1
-        return self.requests
+    total_num_requests: float = 0.0
 
 
 def test_the_policy_answers_only_for_deployments_to_change(monkeypatch):
     monkeypatch.setattr(replica_policy, "read_targets", lambda app: {"a": 1, "b": 0, "c": 0})
     contexts = {
         DeploymentID("a"): Context(0),  # wanted up
-        DeploymentID("b"): Context(1, requests=1),  # wanted down, Serve still counts one
-        DeploymentID("c"): Context(0, requests=2),  # evicted, stale metrics: left out
+        DeploymentID("b"): Context(1, total_num_requests=1),  # wanted down: Serve's count is not asked
+        DeploymentID("c"): Context(0, total_num_requests=2),  # evicted, stale metrics: left out
         DeploymentID("d"): Context(1),  # the controller said nothing
     }
     decisions, _ = replica_policy.fleet_replicas(contexts)
-    assert decisions == {DeploymentID("a"): 1}
-    # Serve's request count is asked only where a scale-down depends on it.
-    assert [ctx.asked for ctx in contexts.values()] == [0, 1, 0, 0]
+    assert decisions == {DeploymentID("a"): 1, DeploymentID("b"): 0}
