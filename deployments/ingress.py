@@ -5,6 +5,7 @@ request came in."""
 
 
 import asyncio
+import contextvars
 import json
 import logging
 import secrets
@@ -573,7 +574,8 @@ class Ingress:
 
     def _model_lost(self, model_id: str) -> ApiError:
         logger.warning("model %s's replica died during a request; asking the controller to check it", model_id)
-        task = asyncio.get_running_loop().create_task(self._check_replica(model_id))
+        # Not the request's child call: its client leaving must not cancel the check.
+        task = asyncio.get_running_loop().create_task(self._check_replica(model_id), context=contextvars.Context())
         self._tasks.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._tasks.discard)
         return replica_lost(model_id)

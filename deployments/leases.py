@@ -15,6 +15,7 @@ made under it (`guarded`) stop waiting for a replica that will not come.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import weakref
@@ -270,7 +271,13 @@ class LeaseKeeper:
                     await asyncio.sleep(CONTROLLER_RETRY_SECONDS * (attempt + 1))
 
     def _spawn(self, work: Any) -> asyncio.Task:
-        task = self._loop.create_task(work)
+        # A fresh context: this work is shared (a grant every waiting request awaits, the
+        # renewals, the releases), but in the context of the request that happens to start
+        # it, its controller calls would be that request's children (Serve's request context,
+        # Ray's task id) and be cancelled with it when its client goes: every other waiter
+        # then got its CancelledError, which no handler catches (the proxy logged 499 and
+        # uvicorn answered a bare 500).
+        task = self._loop.create_task(work, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -17,12 +17,24 @@ from policies.config import CONTROLLER_NAME, INGRESS_NAME, deployment_name
 FLEET = {INGRESS_NAME, CONTROLLER_NAME}
 
 
+def raylet_pid() -> int:
+    """This test session's raylet: the parent of its workers (other clusters may run here)."""
+    import ray
+    from ray._private import ray_constants
+
+    (raylet,) = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    return raylet.process.pid
+
+
 def replica_processes(app: str = APP_NAME) -> dict[str, list[int]]:
     """{deployment: pids of its replica processes} for the application, from the OS."""
     prefix = f"ray::ServeReplica:{app}:"
     found: dict[str, list[int]] = {}
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
+    for process in psutil.Process(raylet_pid()).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
         if cmdline and cmdline[0].startswith(prefix):
             found.setdefault(cmdline[0][len(prefix):].split()[0], []).append(process.pid)
     return found
