@@ -60,6 +60,10 @@ def _load_blas() -> str | None:
                 "for float32 matmuls (install Debian's libopenblas0-pthread, or set %s)", BLAS_ENV
             )
         return None
+    # One core left to the request path (ingress, proxy, Ray) that shares the machine: on 2
+    # cores, server decode rose from 60/155/241 to 63/205/275 tok/s at 1/4/8 streams with one
+    # BLAS thread instead of two (bench/throughput.py, bench model).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as error:
