@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from ray import serve
 
 from tests.conftest import delete_app, run_app
 
