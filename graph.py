@@ -166,6 +166,13 @@ def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Appl
     )
 
 
+def fleet_env() -> dict[str, str]:
+    """The Ray settings the fleet starts with (ops/fleet.env): `make serve`, the benchmarks
+    and the test cluster all read them here."""
+    lines = (Path(__file__).resolve().parent / "ops" / "fleet.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
 def application_config(
     args: dict[str, Any], name: str, route_prefix: str = "/", import_path: str = "graph:build_app"
 ) -> dict[str, Any]:

@@ -30,12 +30,6 @@ PACKAGES = ("ray", "mlx", "mlx-lm", "mlx-vlm", "mlx-embeddings")
 Summary = dict[str, float | int]
 
 
-def fleet_env() -> dict[str, str]:
-    """The Ray settings `make serve` starts the fleet with (ops/fleet.env)."""
-    lines = (ROOT / "ops" / "fleet.env").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,7 +49,7 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
     import ray
     from ray import serve
 
-    from graph import application_config, deploy
+    from graph import application_config, deploy, fleet_env
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     os.environ.pop("RAY_ADDRESS", None)  # "local" must mean a new cluster of our own

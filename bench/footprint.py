@@ -31,7 +31,8 @@ import httpx
 import psutil
 import yaml
 
-from bench.common import ROOT, Summary, fleet_env, free_port, write_result
+from bench.common import ROOT, Summary, free_port, write_result
+from graph import application_config, fleet_env
 from bench.memory import label
 
 LOADED = ["smollm2-135m-instruct", "tiny-llama", "bench-llama-20m", "all-MiniLM-L6-v2"]
@@ -155,9 +156,7 @@ def measure_floor(figures: dict, env: dict[str, str], seconds: float, deployment
     finally:
         stop(process)
     port = free_port()
-    app = {"name": "trivial", "route_prefix": "/", "import_path": "bench.floor:build_trivial",
-           "autoscaling_policy": {"policy_function": "deployments.replica_policy:fleet_replicas"},
-           "args": {"deployments": deployments}}
+    app = application_config({"deployments": deployments}, "trivial", import_path="bench.floor:build_trivial")
     path = serve_config({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1"}, "applications": [app]}, port)
     started = time.perf_counter()
     process = launch([serve_bin, "run", path], env)

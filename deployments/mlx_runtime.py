@@ -1,7 +1,7 @@
 """MLX in a model replica's process: a fast BLAS under MLX's CPU backend, before MLX loads.
 
 The Linux `mlx[cpu]` wheel links netlib's reference BLAS (float32 matmul ~6 GFLOP/s on
-these 2 cores); OpenBLAS does the same matmul at ~200 GFLOP/s (bench/blas.py). Loading
+these 2 cores); OpenBLAS does the same matmul at ~200 GFLOP/s (measured here: 203-207). Loading
 OpenBLAS's `libblas.so.3` with RTLD_GLOBAL before MLX's library is loaded makes MLX's BLAS
 calls bind to it, as LD_PRELOAD would, without an environment variable that every Ray
 process would inherit. It must happen before the first `import mlx` of the process (MLX's
@@ -9,7 +9,7 @@ extension is bound at load); `MLX_FLEET_BLAS` names another library, or `referen
 the bundled one. macOS uses Accelerate and Metal: nothing to do there.
 
 Importing this module does it: Ray's prestarted workers import it (`RAY_preload_python_modules`,
-see serve_config.yaml) and then MLX, so a model's first load finds both ready.
+ops/fleet.env) and then MLX, so a model's first load finds both ready.
 """
 
 from __future__ import annotations

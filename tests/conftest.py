@@ -32,10 +32,12 @@ PROMPT_CACHE_DIR = Path(tempfile.gettempdir()) / f"mlx-fleet-test-prompt-cache-{
 # The single-host setting of `make serve`: Ray's own servers listen on loopback only. Read
 # by Ray when it is imported, so set before any test module imports it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# The Ray settings `make serve` starts the fleet with (ops/fleet.env): tested as shipped.
-for _line in (ROOT / "ops" / "fleet.env").read_text().splitlines():
-    if _line.strip() and not _line.startswith("#"):
-        os.environ.setdefault(*_line.split("=", 1))
+# The Ray settings `make serve` starts the fleet with: tested as shipped. Read by Ray's
+# processes when `ray.init` starts them, after this.
+from graph import fleet_env  # noqa: E402
+
+for _name, _value in fleet_env().items():
+    os.environ.setdefault(_name, _value)
 
 
 def free_port() -> int:
