@@ -26,8 +26,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from deployments.logs import refusals_in_one_line
 from deployments.model_server import ReplicaState
-from dialects.errors import ApiError, model_not_found
+from policies.errors import ApiError, model_not_found
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from deployments.waiting import unless
@@ -115,6 +116,7 @@ class Controller:
         catalog: list[ModelEntry],
         models: dict[str, dict[str, DeploymentHandle]],
     ):
+        refusals_in_one_line(logger)
         self.config = config
         self.models = models  # {model id: {node: its deployment there}}
         several = bool(config.nodes)

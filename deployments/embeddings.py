@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.model_server import ModelServer
 from policies.config import AppConfig, ModelEntry
+from policies.errors import ApiError
 
 # Texts per forward pass: bounds the activations of one pass (batch x length x hidden).
 FORWARD_BATCH = 64
@@ -42,8 +43,11 @@ class EmbeddingsModel(ModelServer):
         self.tokenizer = None
         self.max_length = 512
 
-    async def embed(self, texts: list[str], lease_id: str) -> Embedded:
+    async def embed(self, inputs: list[str] | list[list[int]], lease_id: str) -> Embedded:
+        """Texts, or token arrays in this model's own vocabulary (as OpenAI reads them),
+        which are decoded to the text they stand for and embedded as such."""
         async with self.serving(lease_id):
+            texts = [item if isinstance(item, str) else self._decoded(item, i) for i, item in enumerate(inputs)]
             result = await self._embed_batched(texts)
         if isinstance(result, Exception):
             raise result
@@ -72,6 +76,19 @@ class EmbeddingsModel(ModelServer):
         except Exception as error:  # returned, not raised: it belongs to this request only
             return error
         return Embedded(vectors, int(tokens.sum()))
+
+    def _decoded(self, ids: list[int], index: int) -> str:
+        vocabulary = self.tokenizer.vocab_size
+        outside = next((i for i in ids if not 0 <= i < vocabulary), None)
+        if outside is not None:
+            raise ApiError(
+                400,
+                f"input.{index}: token {outside} is outside model {self.entry.id}'s vocabulary (0-{vocabulary - 1}). "
+                "Token arrays are read with the model's own tokenizer; a client that counts tokens with "
+                "another one (langchain's tiktoken) should send text (check_embedding_ctx_length=False).",
+                param=f"input.{index}",
+            )
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- MLX thread -----------------------------------------------------------------------
 

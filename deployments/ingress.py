@@ -10,7 +10,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,18 +21,13 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.logs import refusals_in_one_line
 from deployments.leases import Hold, LeaseKeeper, LeaseLost
 from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
-from dialects.errors import (
-    ApiError,
-    anthropic_error_body,
-    error_body,
-    find_api_error,
-    model_not_found,
-    validation_error_to_api_error,
-)
+from dialects.errors import anthropic_error_body
+from policies.errors import ApiError, error_body, find_api_error, model_not_found, validation_error_to_api_error
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
@@ -63,10 +58,32 @@ class Reply(Protocol):
     def closing(self) -> list[str]: ...
 
 
+class DialectRequest(Protocol):
+    """What every dialect's generation request says about itself (see dialects/__init__.py)."""
+
+    def needs(self) -> dict[str, str]: ...
+    def wishes(self) -> dict[str, str]: ...
+    def ignored(self) -> list[str]: ...
+    @property
+    def constraint_param(self) -> str: ...
+
+
+def warning_headers(warnings: Sequence[str]) -> dict[str, str]:
+    """HTTP's Warning header (code 299, "miscellaneous persistent warning"), one value per
+    warning: what the answer leaves out of the request."""
+    if not warnings:
+        return {}
+    values = (w.replace('"', "'").encode("latin-1", "replace").decode("latin-1") for w in warnings)
+    return {"Warning": ", ".join(f'299 mlx-fleet "{value}"' for value in values)}
+
+
 def error_response(request: Request, error: ApiError) -> JSONResponse:
     """The error in the envelope of the dialect the request came in."""
     anthropic_path = request.url.path.endswith(ANTHROPIC_PATHS) or "/v1/messages/" in request.url.path
     body = anthropic_error_body(error) if anthropic_path else error.body()
+    if error.status < 500:  # the client's doing: one line, no traceback
+        level = logging.INFO if error.status in (400, 404) else logging.WARNING
+        logger.log(level, "%s %s refused: %s", request.method, request.url.path, error)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -104,7 +121,33 @@ def decode_json(raw: bytes) -> Any:
         raise ApiError(400, f"The request body is not valid JSON: {error}") from None
     if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise too_deep
+    path = lone_surrogate_at(data)
+    if path is not None:
+        raise ApiError(400, f"{path or 'the body'}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
+                       "which is not a Unicode character; send valid UTF-8 text", param=path or None)
     return data
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """The JSON path of the first string (or key) holding an unpaired surrogate escape, which
+    json.loads accepts but no tokenizer can encode; None when every string is valid text."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if lone_surrogate_at(key) is not None:
+                    return child_path
+                stack.append((child, child_path))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(node))
+    return None
 
 
 def _refuse_constant(name: str) -> NoReturn:
@@ -150,6 +193,7 @@ class Ingress:
         controller: DeploymentHandle,
         models: dict[str, dict[str, DeploymentHandle]],
     ):
+        refusals_in_one_line(logger)
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
         self.capabilities = capabilities
@@ -211,18 +255,18 @@ class Ingress:
         entry = self._entry(body.model, CHAT)
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        self._check(entry, job, body.needs(), body.constraint_param)
+        warnings = self._check(entry, job, body)
         reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
-        return await self._respond(entry, job, reply, body.stream)
+        return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
         job = GenerationRequest(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
-        self._check(entry, job, {"logprobs": "logprobs"} if body.logprobs is not None else {}, "prompt")
+        warnings = self._check(entry, job, body)
         reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
-        return await self._respond(entry, job, reply, body.stream)
+        return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -243,15 +287,15 @@ class Ingress:
     @app.post("/v1/responses")
     async def create_response(self, request: Request):
         body = await self._parse(request, responses.ResponsesRequest)
-        entry = self._entry(body.model, CHAT)
+        entry = self._entry(body.model, CHAT, "/v1/responses")
         earlier = await self._stored_chat(body.previous_response_id)
         images = await self._images(entry, body.image_urls())
-        chat = body.chat(earlier, self._vision(entry))
-        job = body.to_generation(chat, images)
-        self._check(entry, job, body.needs(), body.constraint_param)
+        conversation = body.conversation(earlier, self._vision(entry))
+        job = body.to_generation(body.chat(conversation), images)
+        warnings = self._check(entry, job, body)
         reply = responses.Reply(entry.id, body)
-        store = self._response_storer(reply, body.store, chat)
-        return await self._respond(entry, job, reply, body.stream, after=store)
+        store = self._response_storer(reply, body.store, conversation)
+        return await self._respond(entry, job, reply, body.stream, after=store, warnings=warnings)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(self, response_id: str) -> dict[str, Any]:
@@ -271,20 +315,20 @@ class Ingress:
     @app.post("/v1/messages")
     async def messages(self, request: Request):
         body = await self._parse(request, anthropic.MessagesRequest)
-        entry = self._entry(body.model, CHAT)
+        entry = self._entry(body.model, CHAT, "/v1/messages")
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        self._check(entry, job, body.needs(), body.constraint_param)
-        return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream)
+        warnings = self._check(entry, job, body)
+        return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request) -> dict[str, int]:
         body = await self._parse(request, anthropic.CountTokensRequest)
-        entry = self._entry(body.model, CHAT)
+        entry = self._entry(body.model, CHAT, "/v1/messages/count_tokens")
         if entry.type != "text-generation":
             raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
         job = body.to_generation(vision=False, images=[])
-        self._check(entry, job, body.needs(), body.constraint_param)
+        self._check(entry, job, body)
         lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id))
         self.leases.release(lease)
         return {"input_tokens": tokens}
@@ -359,17 +403,21 @@ class Ingress:
     def _vision(self, entry: ModelEntry) -> bool:
         return self.capabilities[entry.type].accepts_images
 
-    def _check(self, entry: ModelEntry, job: GenerationRequest, needs: dict[str, str], constraint_param: str) -> None:
+    def _check(self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest") -> list[str]:
         """Refuse what the model cannot do (400 naming the field that asked for it), and a
-        constraint that does not compile."""
+        constraint that does not compile; the warnings for what the answer leaves out."""
         features = self._features(entry)
-        for feature, param in needs.items():
+        for feature, param in body.needs().items():
             if not features[feature]:
                 raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
         if job.constraint is not None:
             problem = job.constraint.error(FORMATS.get(entry.tool_format or ""))
             if problem:
-                raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}", param=constraint_param)
+                raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}",
+                               param=body.constraint_param)
+        unmet = [f"{param} ignored: model {entry.id} does not support {feature.replace('_', ' ')}"
+                 for feature, param in body.wishes().items() if not features[feature]]
+        return unmet + body.ignored()
 
     async def _images(self, entry: ModelEntry, urls: list[tuple[str, str]]) -> list[Any]:
         if not urls:
@@ -392,15 +440,16 @@ class Ingress:
             raise self._unknown_response(response_id, "previous_response_id")
         return record["chat"]
 
-    def _response_storer(self, reply: "responses.Reply", store: bool, chat: list[dict[str, Any]]):
-        """What to do once a Responses answer is complete: keep it, with the conversation,
-        for later requests that continue it (instructions are not carried over)."""
+    def _response_storer(self, reply: "responses.Reply", store: bool, conversation: list[dict[str, Any]]):
+        """What to do once a Responses answer is complete: keep it, with the conversation and
+        the answer as sent, for later requests that continue it (instructions are not
+        carried over)."""
 
         async def keep(events: list[Event]) -> None:
             if not store or reply.finished is None:
                 return
-            conversation = [m for m in chat if m["role"] != "system"] + responses.turns(events)
-            await self.stored_responses.put(reply.id, {"response": reply.finished, "chat": conversation})
+            chat = conversation + reply.turns()
+            await self.stored_responses.put(reply.id, {"response": reply.finished, "chat": chat})
 
         return keep
 
@@ -414,14 +463,16 @@ class Ingress:
             code="response_not_found",
         )
 
-    def _entry(self, model_id: str, endpoint: str | None = None) -> ModelEntry:
+    def _entry(self, model_id: str, endpoint: str | None = None, path: str | None = None) -> ModelEntry:
+        """The model, if it serves `endpoint` (a capability); the refusal names `path`, the
+        route that asked (the Messages and Responses routes need the chat capability)."""
         entry = self.catalog.get(model_id)
         if entry is None:
             raise model_not_found(model_id)
         if endpoint and endpoint not in self.capabilities[entry.type].endpoints:
             raise ApiError(
                 400,
-                f"Model {entry.id} is a {entry.type} model and does not serve /v1/{endpoint}",
+                f"Model {entry.id} is a {entry.type} model and does not serve {path or '/v1/' + endpoint}",
                 param="model",
             )
         return entry
@@ -475,17 +526,20 @@ class Ingress:
         return b"".join(chunks)
 
     async def _respond(
-        self, entry: ModelEntry, job: GenerationRequest, reply: Reply, stream: bool, after: Any = None
+        self, entry: ModelEntry, job: GenerationRequest, reply: Reply, stream: bool, after: Any = None,
+        warnings: list[str] = (),
     ) -> Any:
         """Generate under a lease and answer in the reply's dialect, whole or streamed.
-        `after(events)` runs once the answer is complete (Responses keeps it)."""
+        `after(events)` runs once the answer is complete (Responses keeps it); `warnings`
+        say what the answer leaves out of the request."""
+        headers = warning_headers(warnings)
         if not stream:
             lease, events = await self._call(entry, lambda model, lease: model.generate.remote(job, lease.id))
             self.leases.release(lease)
             body = reply.full(events)
             if after is not None:
                 await after(events)
-            return JSONResponse(body)
+            return JSONResponse(body, headers=headers)
 
         async def open_stream(model: DeploymentHandle, lease: Hold) -> tuple[Any, list[Event]]:
             # Errors before the first token (bad template, context too long) still get a
@@ -500,7 +554,7 @@ class Ingress:
         lease, (batches, first) = await self._call(entry, open_stream)
         stream_body = self._sse(entry.id, lease, first, batches, reply, after)
         self.leases.release_when_collected(stream_body, lease)
-        return StreamingResponse(stream_body, media_type="text/event-stream")
+        return StreamingResponse(stream_body, media_type="text/event-stream", headers=headers)
 
     async def _sse(
         self,

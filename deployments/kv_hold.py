@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
-from dialects.errors import ApiError
+from policies.errors import ApiError
 from policies.kv import Usage
 
 logger = logging.getLogger("ray.serve")

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.waiting import Abandoned, unless
-from dialects.errors import ApiError
+from policies.errors import ApiError
 from policies.ledger import Lease
 
 logger = logging.getLogger("ray.serve")

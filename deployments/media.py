@@ -23,7 +23,7 @@ import httpcore
 import httpx
 from PIL import ExifTags, Image, ImageOps
 
-from dialects.errors import ApiError
+from policies.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
 

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal
 import psutil
 from ray import serve
 
+from deployments.logs import refusals_in_one_line
 from policies.config import AppConfig, ModelEntry
 from policies.kv import Usage
 from policies.ledger import Measured
@@ -75,6 +76,7 @@ class ModelServer:
         os.environ["HF_HUB_OFFLINE"] = "0" if config.allow_download else "1"
         from deployments import mlx_runtime  # before any MLX import: it chooses MLX's BLAS
 
+        refusals_in_one_line(logger)
         self.blas = mlx_runtime.BLAS
         self.entry = entry
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")

@@ -20,8 +20,8 @@ from deployments.gguf import converted_model_dir
 from deployments.kv_hold import KvHold
 from deployments.model_server import LoadReport, ModelServer
 from deployments.prompt_store import PromptStore, model_key
-from dialects.errors import ApiError, find_api_error
-from policies.generation import GenerationRequest, Sampling
+from policies.errors import ApiError, find_api_error
+from policies.generation import GenerationRequest, Sampling, token_budget
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
 from policies.events import Content, Event, Finish, Logprobs, ToolCall, merged
@@ -44,10 +44,12 @@ class CompletionTracker:
     split into answer, reasoning and tool calls), log-probabilities when asked for, then
     one Finish with the token counts."""
 
-    def __init__(self, stop: list[str], parser: OutputParser | None = None):
+    def __init__(self, stop: list[str], parser: OutputParser | None = None, token_limit: int | None = None):
         self.stops = StopMatcher(stop)
         self.parser = parser
+        self.token_limit = token_limit
         self.tokens = 0
+        self.reasoning_tokens = 0
         self.tool_calls = 0
         self.finished = False
 
@@ -55,6 +57,8 @@ class CompletionTracker:
         self.tokens += step.tokens
         events: list[Event] = [Logprobs([step.logprob])] if step.logprob else []
         events += self._split(self.stops.feed(step.text))
+        if self.parser is not None and self.parser.mode == "reasoning":
+            self.reasoning_tokens += step.tokens
         if self.stops.stopped:
             events += self._finish("stop", step, self.stops.matched)
         elif step.finish_reason:
@@ -75,12 +79,15 @@ class CompletionTracker:
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
         self.finished = True
-        finish = Finish(reason, step.prompt_tokens, self.tokens, stop_sequence, step.cached_tokens)  # type: ignore[arg-type]
+        finish = Finish(
+            reason, step.prompt_tokens, self.tokens, stop_sequence, step.cached_tokens,  # type: ignore[arg-type]
+            reasoning_tokens=self.reasoning_tokens, token_limit=self.token_limit,
+        )
         return [*events, finish]
 
 
-def completion_events(steps: Iterable[Step], stop: list[str]) -> Iterator[Event]:
-    tracker = CompletionTracker(stop)
+def completion_events(steps: Iterable[Step], stop: list[str], token_limit: int | None = None) -> Iterator[Event]:
+    tracker = CompletionTracker(stop, token_limit=token_limit)
     for step in steps:
         yield from tracker.feed(step)
         if tracker.finished:
@@ -211,7 +218,10 @@ class TextModel(GenerativeServer):
         # Templates, tokenizers and grammar compilation are plain Python or Rust over the
         # whole request: not on the event loop.
         prompt, in_reasoning = await asyncio.to_thread(self._prompt_tokens, job)
-        max_tokens = self._max_tokens(job.sampling.max_tokens, len(prompt))
+        max_tokens = token_budget(
+            self.entry.id, job.sampling.max_tokens, len(prompt), self.context_length, self.default_max_tokens,
+            job.sampling.max_tokens_param,
+        )
         reserved = (
             nullcontext()
             if self.kv is None
@@ -236,7 +246,9 @@ class TextModel(GenerativeServer):
             logprobs=job.logprobs,
         )
         self.engine.submit(sequence)
-        tracker = CompletionTracker(job.sampling.stop, self._output_parser(job, in_reasoning) if job.chat else None)
+        tracker = CompletionTracker(
+            job.sampling.stop, self._output_parser(job, in_reasoning) if job.chat else None, max_tokens
+        )
         try:
             while not tracker.finished:
                 # Take every step that is already waiting: when tokens come faster than
@@ -391,25 +403,3 @@ class TextModel(GenerativeServer):
         if self.grammar_tokenizer is None:
             self.grammar_tokenizer = GrammarTokenizer(self.tokenizer)
         return self.grammar_tokenizer.mask(constraint, self._tool_format)
-
-    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
-        room = None if self.context_length is None else self.context_length - prompt_tokens
-        if room is not None and room < 1:
-            raise ApiError(
-                400,
-                f"The prompt has {prompt_tokens} tokens; model {self.entry.id} has a "
-                f"context of {self.context_length} tokens. Shorten the prompt.",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        if requested is None:
-            return self.default_max_tokens if room is None else min(self.default_max_tokens, room)
-        if room is not None and requested > room:
-            raise ApiError(
-                400,
-                f"max_tokens={requested} plus the prompt's {prompt_tokens} tokens exceeds "
-                f"model {self.entry.id}'s context of {self.context_length} tokens.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return requested

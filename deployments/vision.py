@@ -7,8 +7,8 @@ from typing import AsyncIterator, Iterator
 from ray import serve
 
 from deployments.batching import Step
-from dialects.errors import ApiError
-from policies.generation import GenerationRequest
+from policies.errors import ApiError
+from policies.generation import GenerationRequest, token_budget
 from deployments.text import GenerativeServer, completion_events, make_sampler
 from policies.events import Event
 from policies.config import AppConfig, ModelEntry
@@ -54,12 +54,14 @@ class VisionModel(GenerativeServer):
             raise ApiError(
                 400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"
             ) from None
+        # mlx-vlm does not say the model's context: an answer is capped, not sized to the rest.
+        max_tokens = token_budget(self.entry.id, job.sampling.max_tokens, 0, None, self.default_max_tokens)
         results = stream_generate(
             self.model,
             self.processor,
             prompt,
             image=job.images or None,
-            max_tokens=job.sampling.max_tokens or self.default_max_tokens,
+            max_tokens=max_tokens,
             sampler=make_sampler(self.adapter, job.sampling),
         )
         # mlx-vlm yields one result per generated token, then a last one that only flushes
@@ -68,4 +70,4 @@ class VisionModel(GenerativeServer):
             Step(r.text, 0 if r.finish_reason else 1, r.finish_reason, r.prompt_tokens)
             for r in results
         )
-        return completion_events(steps, job.sampling.stop)
+        return completion_events(steps, job.sampling.stop, max_tokens)

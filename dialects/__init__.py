@@ -6,6 +6,12 @@ Each is a thin, pure translation: a request schema that becomes one
 (`policies.events`) into that dialect's answer, whole or as a stream of server-sent events.
 No dialect generates anything itself: the model servers never see which one was spoken.
 
+Every generation request says what it asks of the model: `needs()` the features the model
+must have (else 400, naming the field), `wishes()` the ones used where the model has them
+(else left out, with a warning), `ignored()` what the answer leaves out whatever the model
+(hosted tools, images in tool results, ...), said in a `Warning` header, and
+`constraint_param` the field a constraint that does not compile is blamed on.
+
 A streamed reply is written by a `Reply` with the same four methods in every dialect:
 `opening()` before any event, `batch(events)` for each batch of events as they come,
 `failure(error)` when the generation fails mid-stream, `closing()` after the Finish.

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dialects.errors import ApiError, anthropic_error_body
+from dialects.errors import anthropic_error_body
+from policies.errors import ApiError
 from dialects.openai import MAX_TOKENS_CAP, SEED_LIMIT
 from policies.constraints import Constraint
 from policies.events import Content, Event, Finish, Reasoning, ToolCall
@@ -60,15 +61,47 @@ class ToolUseBlock(_Model):
     input: dict[str, Any]
 
 
+class TextSource(_Model):
+    type: Literal["text"]
+    media_type: str = "text/plain"
+    data: str
+
+
+class DocumentBlock(_Model):
+    """A document the client attached: plain-text sources are read as text; others (PDF,
+    images as documents) are named in their place, as no model here reads them."""
+
+    type: Literal["document"]
+    source: Annotated[Union[TextSource, Base64Source, UrlSource], Field(discriminator="type")]
+    title: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.source, TextSource):
+            return self.source.data
+        kind = self.source.media_type if isinstance(self.source, Base64Source) else self.source.url
+        return f"[document {self.title or ''} ({kind}) not shown: this server reads text documents only]"
+
+
 class ToolResultBlock(_Model):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[TextBlock] = ""
+    content: str | list[Annotated[Union[TextBlock, ImageBlock, DocumentBlock], Field(discriminator="type")]] = ""
     is_error: bool = False
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        """The result as text: a tool message carries text only, so an image a tool returned
+        is named in its place."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(
+            "[image]" if isinstance(block, ImageBlock) else block.text for block in self.content
+        )
+
+    @property
+    def images(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(isinstance(b, ImageBlock) for b in self.content)
 
 
 class ThinkingBlock(_Model):
@@ -83,13 +116,14 @@ class RedactedThinkingBlock(_Model):
 
 
 Block = Annotated[
-    Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
+    Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock],
     Field(discriminator="type"),
 ]
 
 
 class Message(_Model):
-    role: Literal["user", "assistant"]
+    # Claude Code sends system messages inside the conversation (its agent and skill lists).
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
     @property
@@ -98,9 +132,17 @@ class Message(_Model):
 
 
 class Tool(_Model):
+    """A client tool (with `input_schema`), or one of Anthropic's server tools (`type`
+    such as `web_search_20250305`, no schema), which no model here can run."""
+
+    type: str | None = None
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None
+
+    @property
+    def client_side(self) -> bool:
+        return self.input_schema is not None and self.type in (None, "custom")
 
 
 class ToolChoice(_Model):
@@ -143,7 +185,7 @@ class MessagesRequest(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MessagesRequest":
-        names = [tool.name for tool in self.tools or []]
+        names = [tool.name for tool in self.client_tools]
         choice = self.tool_choice
         if choice is not None and choice.type == "tool":
             if not choice.name:
@@ -154,21 +196,32 @@ class MessagesRequest(_Model):
             raise ApiError(400, f"tool_choice {choice.type!r} needs tools", param="tool_choice")
         if any(not s for s in self.stop_sequences or []):
             raise ApiError(400, "stop sequences must not be empty", param="stop_sequences")
-        if self.schema is not None and choice is not None and choice.type in ("any", "tool"):
-            raise ApiError(400, "output_config.format and a required tool call cannot both constrain one answer",
-                           param="output_config.format")
         return self
 
     # -- translation ---------------------------------------------------------------------------
 
     @property
+    def client_tools(self) -> list[Tool]:
+        return [tool for tool in self.tools or [] if tool.client_side]
+
+    @property
     def tools_offered(self) -> list[dict[str, Any]]:
-        if not self.tools or (self.tool_choice and self.tool_choice.type == "none"):
+        if self.tool_choice and self.tool_choice.type == "none":
             return []
         return [
             {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
-            for t in self.tools
+            for t in self.client_tools
         ]
+
+    def ignored(self) -> list[str]:
+        """What this request asks for that the answer leaves out, said in a warning header."""
+        notes = [f"server tool {t.name!r} ({t.type}) ignored: no model here runs server tools"
+                 for t in self.tools or [] if not t.client_side]
+        if any(isinstance(b, ToolResultBlock) and b.images for m in self.messages for b in m.blocks):
+            notes.append("images inside tool_result are shown to the model as the text [image]")
+        if self.schema is not None and self._forced_call:
+            notes.append("output_config.format ignored: the answer is a required tool call, whose input follows its schema")
+        return notes
 
     @property
     def schema(self) -> dict[str, Any] | None:
@@ -176,10 +229,14 @@ class MessagesRequest(_Model):
         return output_format.schema_ if output_format else None
 
     @property
+    def _forced_call(self) -> bool:
+        return bool(self.tools_offered) and self.tool_choice is not None and self.tool_choice.type in ("any", "tool")
+
+    @property
     def constraint(self) -> Constraint | None:
-        """A required tool call (tool_choice any or tool), or output_config's JSON schema."""
+        """A required tool call (tool_choice any or tool), else output_config's JSON schema."""
         choice = self.tool_choice
-        if self.tools_offered and choice is not None and choice.type in ("any", "tool"):
+        if self._forced_call:
             return Constraint(
                 tools=self.tools_offered,
                 tool=choice.name if choice.type == "tool" else None,
@@ -190,11 +247,15 @@ class MessagesRequest(_Model):
     def needs(self) -> dict[str, str]:
         wanted = {
             "tools": bool(self.tools_offered),
-            "structured_output": self.schema is not None,
-            "reasoning": bool(self.thinking and self.thinking.type != "disabled"),
+            "structured_output": self.schema is not None and not self._forced_call,
         }
-        fields = {"tools": "tools", "structured_output": "output_config.format", "reasoning": "thinking"}
+        fields = {"tools": "tools", "structured_output": "output_config.format"}
         return {feature: fields[feature] for feature, asked in wanted.items() if asked}
+
+    def wishes(self) -> dict[str, str]:
+        """Features used where the model has them, left out (with a warning) where not:
+        `thinking` asks a model to think if it can, as Claude Code sends it by default."""
+        return {"reasoning": "thinking"} if self.thinking and self.thinking.type != "disabled" else {}
 
     @property
     def constraint_param(self) -> str:
@@ -234,13 +295,19 @@ class MessagesRequest(_Model):
         become the assistant's tool calls, tool_result blocks tool messages."""
         chat: list[dict[str, Any]] = []
         system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system or [])
+        # Templates take one system prompt, first: system messages inside the conversation
+        # join it in their order.
+        folded = [system] + [_text(m) for m in self.messages if m.role == "system"]
+        system = "\n\n".join(text for text in folded if text)
         if system:
             chat.append({"role": "system", "content": system})
         for message in self.messages:
+            if message.role == "system":
+                continue
             parts: list[dict[str, str]] = []
             calls = []
             for block in message.blocks:
-                if isinstance(block, TextBlock):
+                if isinstance(block, (TextBlock, DocumentBlock)):
                     parts.append({"type": "text", "text": block.text})
                 elif isinstance(block, ImageBlock):
                     parts.append({"type": "image"})
@@ -255,6 +322,10 @@ class MessagesRequest(_Model):
                     entry["tool_calls"] = calls
                 chat.append(entry)
         return chat
+
+
+def _text(message: Message) -> str:
+    return "".join(block.text for block in message.blocks if isinstance(block, (TextBlock, DocumentBlock)))
 
 
 class CountTokensRequest(MessagesRequest):

@@ -9,9 +9,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from dialects.errors import ApiError
+from policies.errors import ApiError
 from policies.constraints import Constraint
 from policies.events import Content, Event, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall
 from policies.generation import GenerationRequest, Sampling
@@ -220,6 +220,14 @@ class _GenerationRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def wishes(self) -> dict[str, str]:
+        """Features used where the model has them and left out, with a warning, where not."""
+        return {}
+
+    def ignored(self) -> list[str]:
+        """What the request asks for that the answer leaves out, said in a warning header."""
+        return []
+
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -249,17 +257,14 @@ class ChatCompletionRequest(_GenerationRequest):
                 f"({', '.join(names)})",
                 param="tool_choice",
             )
-        if self.forced_tool is not False and self.structured:
-            raise ApiError(
-                400,
-                "response_format and a required tool call cannot both constrain one answer",
-                param="response_format",
-            )
         return self
 
     def sampling(self) -> Sampling:  # type: ignore[override]
         # The newer name wins: OpenAI deprecated max_tokens for chat in its favour.
-        return super().sampling(self.max_completion_tokens)
+        sampling = super().sampling(self.max_completion_tokens)
+        if self.max_completion_tokens:
+            sampling.max_tokens_param = "max_completion_tokens"
+        return sampling
 
     @property
     def tools_offered(self) -> list[dict[str, Any]]:
@@ -314,13 +319,24 @@ class ChatCompletionRequest(_GenerationRequest):
         """The model features this request asks for, each with the field that asks."""
         wanted = {
             "tools": bool(self.tools_offered),
-            "structured_output": self.structured,
+            "structured_output": self.structured and not self._forced_call,
             "logprobs": self.logprobs,
-            "reasoning": self.reasoning_effort is not None,
         }
-        fields = {"tools": "tools", "structured_output": "response_format", "logprobs": "logprobs",
-                  "reasoning": "reasoning_effort"}
+        fields = {"tools": "tools", "structured_output": "response_format", "logprobs": "logprobs"}
         return {feature: fields[feature] for feature, asked in wanted.items() if asked}
+
+    @property
+    def _forced_call(self) -> bool:
+        return bool(self.tools_offered) and self.forced_tool is not False
+
+    def ignored(self) -> list[str]:
+        if self.structured and self._forced_call:
+            return ["response_format ignored: the answer is a required tool call, whose arguments follow its schema"]
+        return []
+
+    def wishes(self) -> dict[str, str]:
+        # A reasoning effort is a hint: a model that cannot think answers without thinking.
+        return {"reasoning": "reasoning_effort"} if self.reasoning_effort not in (None, "none") else {}
 
     @property
     def constraint_param(self) -> str:
@@ -363,6 +379,13 @@ class CompletionRequest(_GenerationRequest):
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    def needs(self) -> dict[str, str]:
+        return {"logprobs": "logprobs"} if self.logprobs is not None else {}
+
+    @property
+    def constraint_param(self) -> str:
+        return "prompt"
+
 
 # OpenAI's own limit on inputs per embeddings request.
 MAX_EMBEDDING_INPUTS = 2048
@@ -370,30 +393,22 @@ MAX_EMBEDDING_INPUTS = 2048
 
 class EmbeddingRequest(_Request):
     model: str
-    input: str | list[str]
+    # Text, texts, one token array or several: arrays are in the model's own vocabulary.
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _texts_only(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-            raise ValueError("token arrays are not supported; send the text")
-        if isinstance(value, list) and any(isinstance(v, list) for v in value):
-            raise ValueError("token arrays are not supported; send the texts")
-        return value
-
     @field_validator("input")
     @classmethod
-    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
+    def _non_empty(cls, value: Any) -> Any:
+        inputs = cls._as_list(value)
+        if not inputs:
             raise ValueError("input must contain at least one text")
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(texts)}")
-        empty = [i for i, text in enumerate(texts) if not text]
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(inputs)}")
+        empty = [i for i, item in enumerate(inputs) if not item]
         if empty:
-            raise ValueError(f"input {empty[0]} is an empty string; every input needs text")
+            raise ValueError(f"input {empty[0]} is empty; every input needs text or tokens")
         return value
 
     @field_validator("dimensions")
@@ -403,9 +418,16 @@ class EmbeddingRequest(_Request):
             raise ValueError("dimensions is not supported yet: vectors keep the model's size")
         return value
 
+    @staticmethod
+    def _as_list(value: Any) -> list[str] | list[list[int]]:
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return value
+
     @property
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+    def texts(self) -> list[str] | list[list[int]]:
+        """The inputs, each a text or a token array."""
+        return self._as_list(self.input)
 
 
 class PreloadRequest(BaseModel):
@@ -420,6 +442,7 @@ def usage(finish: Finish) -> dict[str, Any]:
         "completion_tokens": finish.completion_tokens,
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
     }
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from dialects.errors import ApiError
+from policies.errors import ApiError
 from dialects.openai import MAX_TOKENS_CAP, JsonObjectFormat, TextFormat
 from policies.constraints import Constraint
 from policies.events import Content, Event, Finish, Reasoning, ToolCall
@@ -52,12 +53,27 @@ class FunctionCallItem(_Model):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None
+
+
+class CustomToolCallItem(_Model):
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str
 
 
 class FunctionCallOutputItem(_Model):
-    type: Literal["function_call_output"]
+    type: Literal["function_call_output", "custom_tool_call_output"]
     call_id: str
-    output: str
+    output: str | list[InputPart]
+
+    @property
+    def text(self) -> str:
+        """A tool message carries text: an image among the output's parts is named in its place."""
+        if isinstance(self.output, str):
+            return self.output
+        return "".join(part.text if isinstance(part, InputText) else "[image]" for part in self.output)
 
 
 class ReasoningItem(_Model):
@@ -67,17 +83,36 @@ class ReasoningItem(_Model):
     type: Literal["reasoning"]
 
 
+class OtherItem(_Model):
+    """An item of a kind no model here acts on (a hosted tool's call, a compaction, an item
+    reference): left out of the conversation, with a warning."""
+
+    type: str
+
+
+ITEM_KINDS = {
+    "message": "message",
+    "function_call": "function_call",
+    "custom_tool_call": "custom_tool_call",
+    "function_call_output": "call_output",
+    "custom_tool_call_output": "call_output",
+    "reasoning": "reasoning",
+}
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return kind
+    return ITEM_KINDS.get(kind, "other")
 
 
 InputItem = Annotated[
     Union[
         Annotated[MessageItem, Tag("message")],
         Annotated[FunctionCallItem, Tag("function_call")],
-        Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+        Annotated[CustomToolCallItem, Tag("custom_tool_call")],
+        Annotated[FunctionCallOutputItem, Tag("call_output")],
         Annotated[ReasoningItem, Tag("reasoning")],
+        Annotated[OtherItem, Tag("other")],
     ],
     Discriminator(_item_kind),
 ]
@@ -89,6 +124,65 @@ class FunctionTool(_Model):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+
+class NamespaceTool(_Model):
+    """Functions grouped under a name (Codex sends its tools so): the model sees each as
+    `namespace.name`, and its calls come back named as the client declared them."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    tools: list[FunctionTool]
+
+
+class CustomTool(_Model):
+    """A tool whose input is free text (Codex's apply_patch): the model writes the text as a
+    call's one string argument, `input`."""
+
+    type: Literal["custom"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
+class HostedTool(_Model):
+    """A tool OpenAI's servers run (web_search, file_search, local_shell, ...): none here."""
+
+    type: str
+
+
+def _tool_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("function", "namespace", "custom") else "hosted"
+
+
+AnyTool = Annotated[
+    Union[
+        Annotated[FunctionTool, Tag("function")],
+        Annotated[NamespaceTool, Tag("namespace")],
+        Annotated[CustomTool, Tag("custom")],
+        Annotated[HostedTool, Tag("hosted")],
+    ],
+    Discriminator(_tool_kind),
+]
+
+CUSTOM_INPUT = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+
+
+@dataclass(frozen=True)
+class Offered:
+    """A tool as the model sees it, and as the client named it."""
+
+    kind: Literal["function", "custom"]
+    name: str
+    namespace: str | None
+    description: str
+    parameters: dict[str, Any]
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.namespace}.{self.name}" if self.namespace else self.name
 
 
 class NamedFunction(_Model):
@@ -109,14 +203,14 @@ class TextConfig(_Model):
 
 
 class ReasoningConfig(_Model):
-    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    effort: str | None = None  # a hint to the template; names vary (xhigh, ...)
 
 
 class ResponsesRequest(_Model):
     model: str
     input: str | list[InputItem]
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[AnyTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
@@ -131,27 +225,59 @@ class ResponsesRequest(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ResponsesRequest":
-        names = [tool.name for tool in self.tools or []]
+        names = [tool.model_name for tool in self.offered]
         if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in names:
             raise ApiError(400, f"tool_choice names function {self.tool_choice.name!r}, which is not in tools",
                            param="tool_choice")
         if self.tool_choice == "required" and not names:
             raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
-        if self.constraint is not None and self.constraint.tools and self.schema is not None:
-            raise ApiError(400, "text.format and a required tool call cannot both constrain one answer",
-                           param="text.format")
+        if len(set(names)) != len(names):
+            raise ApiError(400, "tools names one function twice", param="tools")
         return self
 
     # -- translation ---------------------------------------------------------------------------
 
     @property
+    def offered(self) -> list[Offered]:
+        """The client's functions and custom tools, namespaces flattened; hosted tools left out."""
+        out = []
+        for tool in self.tools or []:
+            members = tool.tools if isinstance(tool, NamespaceTool) else [tool]
+            namespace = tool.name if isinstance(tool, NamespaceTool) else None
+            for member in members:
+                if isinstance(member, FunctionTool):
+                    out.append(Offered("function", member.name, namespace, member.description or "",
+                                       member.parameters or {"type": "object", "properties": {}}))
+                elif isinstance(member, CustomTool):
+                    out.append(Offered("custom", member.name, None, member.description or "", CUSTOM_INPUT))
+        return out
+
+    def tool_named(self, model_name: str) -> Offered | None:
+        return next((tool for tool in self.offered if tool.model_name == model_name), None)
+
+    @property
     def tools_offered(self) -> list[dict[str, Any]]:
-        if not self.tools or self.tool_choice == "none":
+        if self.tool_choice == "none":
             return []
         return [
-            {"type": "function", "function": tool.model_dump(exclude={"type", "strict"}, exclude_none=True)}
-            for tool in self.tools
+            {"type": "function",
+             "function": {"name": tool.model_name, "description": tool.description, "parameters": tool.parameters}}
+            for tool in self.offered
         ]
+
+    def ignored(self) -> list[str]:
+        """What this request asks for that the answer leaves out, said in a warning header."""
+        notes = [f"hosted tool {tool.type!r} ignored: no model here runs OpenAI's hosted tools"
+                 for tool in self.tools or [] if isinstance(tool, HostedTool)]
+        notes += [f"custom tool {tool.name!r}: its input grammar is not enforced"
+                  for tool in self.tools or [] if isinstance(tool, CustomTool) and tool.format
+                  and tool.format.get("type") not in (None, "text")]
+        kinds = sorted({item.type for item in self.items if isinstance(item, OtherItem)})
+        if kinds:
+            notes.append(f"input items of type {', '.join(kinds)} left out: no model here acts on them")
+        if self.schema is not None and self._forced_call:
+            notes.append("text.format ignored: the answer is a required tool call, whose arguments follow its schema")
+        return notes
 
     @property
     def schema(self) -> dict[str, Any] | None:
@@ -161,8 +287,13 @@ class ResponsesRequest(_Model):
         return {"type": "object"} if isinstance(text_format, JsonObjectFormat) else None
 
     @property
+    def _forced_call(self) -> bool:
+        return bool(self.tools_offered) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedFunction))
+
+    @property
     def constraint(self) -> Constraint | None:
-        if self.tools_offered and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedFunction)):
+        """A required tool call, else text.format's JSON schema."""
+        if self._forced_call:
             named = self.tool_choice.name if isinstance(self.tool_choice, NamedFunction) else None
             return Constraint(tools=self.tools_offered, tool=named, parallel=self.parallel_tool_calls)
         return Constraint(schema=self.schema) if self.schema is not None else None
@@ -175,11 +306,15 @@ class ResponsesRequest(_Model):
     def needs(self) -> dict[str, str]:
         wanted = {
             "tools": bool(self.tools_offered),
-            "structured_output": self.schema is not None,
-            "reasoning": bool(self.reasoning and self.reasoning.effort),
+            "structured_output": self.schema is not None and not self._forced_call,
         }
-        fields = {"tools": "tools", "structured_output": "text.format", "reasoning": "reasoning.effort"}
+        fields = {"tools": "tools", "structured_output": "text.format"}
         return {feature: fields[feature] for feature, asked in wanted.items() if asked}
+
+    def wishes(self) -> dict[str, str]:
+        # Codex always sends an effort: a model that cannot think answers without thinking.
+        effort = self.reasoning.effort if self.reasoning else None
+        return {"reasoning": "reasoning.effort"} if effort not in (None, "none") else {}
 
     @property
     def items(self) -> list[Any]:
@@ -194,11 +329,14 @@ class ResponsesRequest(_Model):
             if isinstance(part, InputImage)
         ]
 
-    def chat(self, earlier: list[dict[str, Any]], vision: bool) -> list[dict[str, Any]]:
-        """The conversation for the template: the instructions (never carried over from an
-        earlier response), the stored conversation, then this request's items."""
-        chat = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        chat += earlier
+    def chat(self, conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat for the template: the instructions (never carried over from an earlier
+        response), then the conversation."""
+        return ([{"role": "system", "content": self.instructions}] if self.instructions else []) + conversation
+
+    def conversation(self, earlier: list[dict[str, Any]], vision: bool) -> list[dict[str, Any]]:
+        """The stored conversation this request continues, then its own items, as chat messages."""
+        chat = list(earlier)
         for item in self.items:
             if isinstance(item, MessageItem):
                 parts = [{"type": "text", "text": p.text} if isinstance(p, InputText) else {"type": "image"}
@@ -206,16 +344,20 @@ class ResponsesRequest(_Model):
                 text = "".join(p.get("text", "") for p in parts)
                 role = "system" if item.role == "developer" else item.role
                 chat.append({"role": role, "content": parts if vision else text})
-            elif isinstance(item, FunctionCallItem):
-                call = {"id": item.call_id, "type": "function",
-                        "function": {"name": item.name, "arguments": _arguments(item.arguments)}}
+            elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
+                if isinstance(item, CustomToolCallItem):
+                    name, arguments = item.name, {"input": item.input}
+                else:
+                    name = f"{item.namespace}.{item.name}" if item.namespace else item.name
+                    arguments = _arguments(item.arguments)
+                call = {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
                 last = chat[-1] if chat else None
                 if last and last["role"] == "assistant" and "tool_calls" in last:
                     last["tool_calls"].append(call)
                 else:
                     chat.append({"role": "assistant", "content": "", "tool_calls": [call]})
             elif isinstance(item, FunctionCallOutputItem):
-                chat.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                chat.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
         return chat
 
     def to_generation(self, chat: list[dict[str, Any]], images: list[Any]) -> GenerationRequest:
@@ -223,7 +365,8 @@ class ResponsesRequest(_Model):
         if self.reasoning and self.reasoning.effort:
             kwargs = {"reasoning_effort": self.reasoning.effort, "enable_thinking": self.reasoning.effort != "none"}
         return GenerationRequest(
-            sampling=Sampling(max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p),
+            sampling=Sampling(max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p,
+                              max_tokens_param="max_output_tokens"),
             messages=chat,
             images=images,
             tools=self.tools_offered,
@@ -240,19 +383,6 @@ def _arguments(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(400, "a function_call item's arguments must be a JSON object", param="input")
     return value
-
-
-def turns(events: list[Event]) -> list[dict[str, Any]]:
-    """An answer as the assistant turn(s) a later request's template renders."""
-    text = "".join(e.text for e in events if isinstance(e, Content))
-    calls = [
-        {"id": f"call_{i}", "type": "function", "function": {"name": e.name, "arguments": json.loads(e.arguments)}}
-        for i, e in enumerate(e for e in events if isinstance(e, ToolCall))
-    ]
-    turn: dict[str, Any] = {"role": "assistant", "content": text}
-    if calls:
-        turn["tool_calls"] = calls
-    return [turn]
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -334,12 +464,14 @@ class Reply:
             item = self._call(event)
             self.items.append(item)
             index = len(self.items) - 1
+            field, kind = ("input", "custom_tool_call_input") if item["type"] == "custom_tool_call" else (
+                "arguments", "function_call_arguments")
             out.append(self._sse("response.output_item.added", output_index=index,
-                                 item={**item, "arguments": "", "status": "in_progress"}))
-            out.append(self._sse("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                                 delta=item["arguments"]))
-            out.append(self._sse("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                 name=item["name"], arguments=item["arguments"]))
+                                 item={**item, field: "", "status": "in_progress"}))
+            out.append(self._sse(f"response.{kind}.delta", item_id=item["id"], output_index=index, delta=item[field]))
+            done = {"name": item["name"]} if field == "arguments" else {}
+            out.append(self._sse(f"response.{kind}.done", item_id=item["id"], output_index=index,
+                                 **{field: item[field]}, **done))
             out.append(self._sse("response.output_item.done", output_index=index, item=item))
         return out
 
@@ -403,10 +535,40 @@ class Reply:
             return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "reasoning_text", "text": text}
 
-    @staticmethod
-    def _call(call: ToolCall) -> dict[str, Any]:
-        return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": f"call_{uuid.uuid4().hex[:24]}",
-                "name": call.name, "arguments": call.arguments, "status": "completed"}
+    def _call(self, call: ToolCall) -> dict[str, Any]:
+        """The call as the client declared its tool: a custom tool's free text input, a
+        namespaced function's name and namespace apart."""
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        tool = self.request.tool_named(call.name)
+        if tool is not None and tool.kind == "custom":
+            text = json.loads(call.arguments).get("input", "")
+            return {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex[:24]}", "call_id": call_id,
+                    "name": tool.name, "input": text if isinstance(text, str) else json.dumps(text),
+                    "status": "completed"}
+        item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call_id,
+                "name": tool.name if tool else call.name, "arguments": call.arguments, "status": "completed"}
+        if tool is not None and tool.namespace:
+            item["namespace"] = tool.namespace
+        return item
+
+    def turns(self) -> list[dict[str, Any]]:
+        """The answer as sent, as the assistant turn a later request's template renders:
+        its text, and its calls under the ids the client was given."""
+        text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
+        calls = []
+        for item in self.items:
+            if item["type"] == "function_call":
+                name = f"{item['namespace']}.{item['name']}" if item.get("namespace") else item["name"]
+                arguments = json.loads(item["arguments"])
+            elif item["type"] == "custom_tool_call":
+                name, arguments = item["name"], {"input": item["input"]}
+            else:
+                continue
+            calls.append({"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": arguments}})
+        turn: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            turn["tool_calls"] = calls
+        return [turn]
 
     # -- the Response object ----------------------------------------------------------------------
 
@@ -428,7 +590,8 @@ class Reply:
             "previous_response_id": request.previous_response_id,
             "temperature": request.temperature,
             "top_p": request.top_p,
-            "max_output_tokens": request.max_output_tokens,
+            # The cap that applied, also when the request left it to the model's context.
+            "max_output_tokens": finish.token_limit if finish and finish.token_limit else request.max_output_tokens,
             "tool_choice": (request.tool_choice.model_dump() if isinstance(request.tool_choice, NamedFunction)
                             else request.tool_choice or "auto"),
             "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
@@ -440,7 +603,7 @@ class Reply:
                 "input_tokens": finish.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": finish.cached_tokens},
                 "output_tokens": finish.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
                 "total_tokens": finish.prompt_tokens + finish.completion_tokens,
             },
         }

@@ -155,7 +155,11 @@ class AppConfig(BaseModel):
         "on Apple GPUs, where quantized kernels are the fast path.",
     )
     max_request_size: Size = "32MB"
-    default_max_tokens: int = Field(default=512, ge=1)
+    default_max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="A cap on the tokens of an answer whose request names no max_tokens; "
+        "unset, such an answer may fill the rest of the model's context, as OpenAI and Anthropic allow.",
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests one model replica accepts before callers queue."
     )

@@ -63,6 +63,8 @@ class Finish:
     completion_tokens: int
     stop_sequence: str | None = None  # the client's stop sequence that ended the text, if one did
     cached_tokens: int = 0  # of the prompt tokens, those read from the prompt cache
+    reasoning_tokens: int = 0  # of the completion tokens, those spent thinking
+    token_limit: int | None = None  # the cap on completion tokens that applied
 
 
 Event = Content | Reasoning | ToolCall | Logprobs | Finish

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policies.constraints import Constraint
+from policies.errors import ContextOverflow
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_k: int | None = None
+    max_tokens_param: str = "max_tokens"  # what the client's dialect calls max_tokens, for errors
 
 
 @dataclass
@@ -39,3 +41,26 @@ class GenerationRequest:
     def chat(self) -> bool:
         return self.messages is not None
 
+
+
+def token_budget(
+    model_id: str, requested: int | None, prompt_tokens: int, context_length: int | None, default: int | None,
+    param: str = "max_tokens",
+) -> int:
+    """How many tokens a generation may produce: what the client asked for; when it asked
+    for nothing, the rest of the model's context (as OpenAI and Anthropic do), capped by the
+    operator's `default` if one is set. A model whose context is unknown gets `default` or
+    UNKNOWN_CONTEXT_BUDGET."""
+    room = None if context_length is None else context_length - prompt_tokens
+    if room is not None and room < 1:
+        raise ContextOverflow(model_id, prompt_tokens, None, context_length)
+    if requested is None:
+        cap = default or (UNKNOWN_CONTEXT_BUDGET if room is None else room)
+        return cap if room is None else min(cap, room)
+    if room is not None and requested > room:
+        raise ContextOverflow(model_id, prompt_tokens, requested, context_length, param)
+    return requested
+
+
+# A model whose config names no context length, and no operator's default: some cap is needed.
+UNKNOWN_CONTEXT_BUDGET = 4096

@@ -225,9 +225,6 @@ def test_logprobs_come_from_the_sampling_step(client):
         ("tiny-qwen2-vl", {"logprobs": True}, "logprobs", "does not support logprobs"),
         ("tiny-qwen2", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", ""),
         ("tiny-qwen2", {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
-        ("tiny-llama", {"reasoning_effort": "high"}, "reasoning_effort", "does not support reasoning"),
-        ("tiny-qwen2", {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
-         "response_format", "cannot both"),
     ],
 )
 def test_what_a_model_cannot_do_is_a_400_naming_the_field(http, model, extra, param, words):
@@ -235,6 +232,24 @@ def test_what_a_model_cannot_do_is_a_400_naming_the_field(http, model, extra, pa
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"]
+
+
+@pytest.mark.parametrize(
+    "model, extra, warning",
+    [
+        # A reasoning effort is a hint a model that cannot think answers without.
+        ("tiny-llama", {"reasoning_effort": "high"}, "reasoning_effort ignored: model tiny-llama does not support reasoning"),
+        # A required call is the answer: its arguments follow the tool's schema, not response_format.
+        ("tiny-qwen2", {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "response_format ignored"),
+    ],
+)
+def test_what_the_answer_leaves_out_is_a_warning_not_a_400(http, model, extra, warning):
+    response = http.post("/v1/chat/completions", json={"model": model, "messages": ASK, "max_tokens": 200, **extra})
+    assert response.status_code == 200, response.text
+    assert warning in response.headers["warning"] and response.headers["warning"].startswith('299 mlx-fleet "')
+    if "tools" in extra:
+        assert response.json()["choices"][0]["message"]["tool_calls"]
 
 
 def test_tool_message_without_its_call_id_is_400(http):

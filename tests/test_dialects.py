@@ -8,7 +8,8 @@ import json
 import pytest
 
 from dialects import anthropic, openai, responses
-from dialects.errors import ApiError, anthropic_error_body
+from dialects.errors import anthropic_error_body
+from policies.errors import ApiError
 from policies.events import Content, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall, TopLogprob
 
 EVENTS = [
@@ -48,7 +49,8 @@ def test_anthropic_conversation_becomes_one_chat():
     assert (job.sampling.max_tokens, job.sampling.top_k, job.sampling.stop) == (10, 5, ["END"])
     assert job.template_kwargs == {"enable_thinking": True}
     assert job.constraint is not None and job.constraint.tools and job.constraint.tool is None
-    assert body.needs() == {"tools": "tools", "reasoning": "thinking"}
+    assert body.needs() == {"tools": "tools"}
+    assert body.wishes() == {"reasoning": "thinking"}  # thinking is used where the model can think
 
 
 def test_anthropic_reply_whole_and_streamed_agree():
@@ -105,7 +107,7 @@ def test_responses_items_become_one_chat_after_the_stored_one():
         ],
     })
     earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    chat = body.chat(earlier, vision=False)
+    chat = body.chat(body.conversation(earlier, vision=False))
     assert [m["role"] for m in chat] == ["system", "user", "assistant", "user", "assistant", "tool"]
     assert [c["id"] for c in chat[4]["tool_calls"]] == ["c1", "c2"]  # consecutive calls, one turn
     job = body.to_generation(chat, images=[])
@@ -137,9 +139,13 @@ def test_responses_reply_whole_and_streamed_agree():
     assert incomplete["status"] == "incomplete" and incomplete["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
-def test_responses_turns_for_the_store():
-    (turn,) = responses.turns(EVENTS)
+def test_responses_turns_for_the_store_keep_the_ids_the_client_was_given():
+    body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x"})
+    reply = responses.Reply("m", body)
+    sent = reply.full(EVENTS)
+    (turn,) = reply.turns()
     assert turn["content"] == "It is sunny." and turn["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert turn["tool_calls"][0]["id"] == sent["output"][2]["call_id"]
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
@@ -155,6 +161,7 @@ def test_openai_chunks_add_up_to_the_whole_reply():
     assert whole["choices"][0]["finish_reason"] == "tool_calls"
     assert whole["usage"] == {
         "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21, "prompt_tokens_details": {"cached_tokens": 5},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
     reply = openai.Reply("m", chat=True, logprobs=True, include_usage=True)
@@ -167,3 +174,143 @@ def test_openai_chunks_add_up_to_the_whole_reply():
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["index"] == 0
     assert "".join(c["function"]["arguments"] for c in calls) == '{"city":"Paris"}'
     assert chunks[-1]["usage"] == whole["usage"] and chunks[-1]["choices"] == []
+
+
+# -- what agent clients send (Claude Code, Codex) ------------------------------------------------
+
+
+def test_anthropic_system_messages_inside_the_conversation_join_the_system_prompt():
+    body = anthropic.MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "You are Claude Code."}],
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Agents: explore, plan."}]},
+            {"role": "user", "content": "go"},
+        ],
+    })
+    chat = body.chat(vision=False)
+    assert [m["role"] for m in chat] == ["system", "user", "user"]
+    assert chat[0]["content"] == "You are Claude Code.\n\nAgents: explore, plan."
+
+
+def test_anthropic_server_tools_are_left_out_with_a_warning_and_thinking_is_a_wish():
+    body = anthropic.MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 5, "thinking": {"type": "adaptive"},
+        "tools": [TOOL, {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    assert [t["function"]["name"] for t in body.tools_offered] == ["get_weather"]
+    assert body.needs() == {"tools": "tools"} and body.wishes() == {"reasoning": "thinking"}
+    assert any("web_search" in note for note in body.ignored())
+
+
+def test_anthropic_tool_results_with_images_and_documents_become_text():
+    body = anthropic.MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 5,
+        "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "text", "text": "page 1"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}},
+                ]},
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AAAA"}},
+            ]},
+        ],
+    })
+    chat = body.chat(vision=False)
+    assert chat[1] == {"role": "tool", "tool_call_id": "t1", "content": "page 1[image]notes"}
+    assert "application/pdf" in chat[2]["content"]
+    assert body.image_urls() == [] and any("tool_result" in note for note in body.ignored())
+
+
+def test_a_required_tool_call_wins_over_an_output_schema_in_both_dialects():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    messages = anthropic.MessagesRequest.model_validate({
+        "model": "m", "max_tokens": 5, "tools": [TOOL], "tool_choice": {"type": "any"},
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    assert messages.constraint.tools and messages.constraint.schema is None
+    assert "structured_output" not in messages.needs() and messages.ignored()
+    response = responses.ResponsesRequest.model_validate({
+        "model": "m", "input": "x", "tool_choice": {"type": "function", "name": "get_weather"},
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": schema}},
+    })
+    assert response.constraint.tool == "get_weather" and response.constraint.schema is None
+    assert "structured_output" not in response.needs()
+
+
+def test_anthropic_words_a_context_overflow_as_claude_code_parses_it():
+    from policies.errors import ContextOverflow
+
+    both = ContextOverflow("m", 1600, 32000, 8192)
+    assert anthropic_error_body(both)["error"]["message"] == (
+        "input length and `max_tokens` exceed context limit: 1600 + 32000 > 8192, "
+        "decrease input length or `max_tokens` and try again")
+    prompt = ContextOverflow("m", 50000, None, 8192)
+    assert anthropic_error_body(prompt)["error"]["message"] == "prompt is too long: 50000 tokens > 8192 maximum"
+    assert both.body()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 8192 tokens" in both.body()["error"]["message"]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(both))  # as it crosses Ray from a replica
+    assert (type(again), again.requested, again.message) == (ContextOverflow, 32000, both.message)
+
+
+CODEX_TOOLS = [
+    {"type": "function", "name": "shell", "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}},
+    {"type": "namespace", "name": "mcp__files", "description": "file tools",
+     "tools": [{"type": "function", "name": "read", "parameters": {"type": "object"}}]},
+    {"type": "custom", "name": "apply_patch", "description": "patch files",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+    {"type": "web_search", "external_web_access": False},
+    {"type": "local_shell"},
+]
+
+
+def test_responses_flattens_namespaces_keeps_custom_tools_and_leaves_hosted_tools_out():
+    body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": CODEX_TOOLS})
+    names = [t["function"]["name"] for t in body.tools_offered]
+    assert names == ["shell", "mcp__files.read", "apply_patch"]
+    assert body.tools_offered[2]["function"]["parameters"]["required"] == ["input"]
+    notes = body.ignored()
+    assert any("web_search" in n for n in notes) and any("local_shell" in n for n in notes)
+    assert any("apply_patch" in n and "grammar" in n for n in notes)
+
+
+def test_responses_calls_come_back_named_as_the_client_declared_its_tools():
+    body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": CODEX_TOOLS})
+    events = [ToolCall("mcp__files.read", '{"path":"a"}'), ToolCall("apply_patch", '{"input":"*** Begin Patch"}'),
+              Finish("tool_calls", 3, 4)]
+    whole = responses.Reply("m", body).full(events)
+    namespaced, custom = whole["output"]
+    assert (namespaced["type"], namespaced["name"], namespaced["namespace"]) == ("function_call", "read", "mcp__files")
+    assert (custom["type"], custom["name"], custom["input"]) == ("custom_tool_call", "apply_patch", "*** Begin Patch")
+    reply = responses.Reply("m", body)
+    streamed = sse_events(reply.opening() + reply.batch(events))
+    kinds = [e["type"] for e in streamed]
+    assert "response.custom_tool_call_input.done" in kinds and "response.function_call_arguments.done" in kinds
+    # The next request continues with the ids and names it was given.
+    later = responses.ResponsesRequest.model_validate({"model": "m", "tools": CODEX_TOOLS, "input": [
+        {**namespaced, "id": None}, {"type": "function_call_output", "call_id": namespaced["call_id"],
+                                     "output": [{"type": "input_text", "text": "contents"}]},
+        {**custom}, {"type": "custom_tool_call_output", "call_id": custom["call_id"], "output": "Done"},
+        {"type": "web_search_call", "status": "completed"},
+    ]})
+    chat = later.conversation([], vision=False)
+    assert chat[0]["tool_calls"][0]["function"]["name"] == "mcp__files.read"
+    assert chat[1] == {"role": "tool", "tool_call_id": namespaced["call_id"], "content": "contents"}
+    assert chat[2]["tool_calls"][0]["function"]["arguments"] == {"input": "*** Begin Patch"}
+    assert any("web_search_call" in n for n in later.ignored())
+
+
+def test_usage_counts_reasoning_tokens_and_the_cap_that_applied():
+    finish = Finish("length", prompt_tokens=4, completion_tokens=6, reasoning_tokens=2, token_limit=6)
+    body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x"})
+    whole = responses.Reply("m", body).full([Reasoning("hm"), Content("a"), finish])
+    assert whole["usage"]["output_tokens_details"] == {"reasoning_tokens": 2} and whole["max_output_tokens"] == 6
+    chat = openai.Reply("m", chat=True).full([Content("a"), finish])
+    assert chat["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}

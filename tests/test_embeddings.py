@@ -57,6 +57,20 @@ def test_concurrent_single_requests_equal_one_batched_request(client):
     assert all(cosine(s, b) > 0.9999 for s, b in zip(singles, batched))
 
 
+def test_token_arrays_are_read_with_the_models_tokenizer(http, client):
+    # What langchain's OpenAIEmbeddings sends by default: the texts as token arrays.
+    text = "the cat sat on the mat"
+    ids = [[7592, 2088], [1996, 4937, 2938, 2006, 1996, 13523]]  # MiniLM's ids for "hello world" and the text
+    by_text = client.embeddings.create(model=MODEL, input=["hello world", text]).data
+    response = http.post(EMBED, json={"model": MODEL, "input": ids})
+    assert response.status_code == 200, response.text
+    by_ids = response.json()["data"]
+    for a, b in zip(by_text, by_ids):
+        assert max(abs(x - y) for x, y in zip(a.embedding, b["embedding"])) < 1e-5
+    one = http.post(EMBED, json={"model": MODEL, "input": ids[0]}).json()["data"]
+    assert len(one) == 1 and max(abs(x - y) for x, y in zip(one[0]["embedding"], by_ids[0]["embedding"])) < 1e-5
+
+
 def test_long_input_is_truncated_not_refused(client):
     reply = client.embeddings.create(model=MODEL, input="word " * 2000, encoding_format="float")
     assert reply.usage.prompt_tokens == 256  # the model's max_seq_length
@@ -66,10 +80,11 @@ def test_long_input_is_truncated_not_refused(client):
     "body, words",
     [
         ({"model": MODEL, "input": []}, "at least one text"),
-        ({"model": MODEL, "input": ""}, "empty string"),
-        ({"model": MODEL, "input": ["ok", ""]}, "input 1 is an empty string"),
+        ({"model": MODEL, "input": ""}, "input 0 is empty"),
+        ({"model": MODEL, "input": ["ok", ""]}, "input 1 is empty"),
         ({"model": MODEL, "input": ["ok", 3]}, "valid string"),
-        ({"model": MODEL, "input": [1, 2, 3]}, "token arrays"),
+        ({"model": MODEL, "input": [[1, 2], []]}, "input 1 is empty"),
+        ({"model": MODEL, "input": [[101, 10**6]]}, "outside model all-MiniLM-L6-v2's vocabulary"),
         ({"model": MODEL, "input": ["x"] * 2049}, "at most 2048"),
         ({"model": MODEL, "input": "x", "dimensions": 64}, "dimensions is not supported"),
         ({"model": MODEL, "input": "x", "encoding_format": "int8"}, "encoding_format"),

@@ -108,6 +108,18 @@ def test_context_limits_are_shown_and_enforced(kv):
     assert response.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_an_answer_without_max_tokens_may_fill_the_rest_of_the_context(kv):
+    # This app sets no default_max_tokens: as OpenAI and Anthropic do, the answer may run
+    # to the end of the model's context (here max_context 1024), and says which cap applied.
+    body = {"input": "Tell me everything.", "model": "other", "temperature": 0}
+    response = kv.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    usage = answer["usage"]
+    assert answer["status"] == "incomplete" and usage["input_tokens"] + usage["output_tokens"] == 1024
+    assert answer["max_output_tokens"] == usage["output_tokens"]
+
+
 def test_long_sequences_are_admitted_on_their_kv_and_the_budget_holds(kv):
     assert kv.post("/v1/chat/completions", json={"model": "bench", "messages": PROMPT, "max_tokens": 2}).status_code == 200
     assert kv.post("/v1/chat/completions", json={"model": "other", "messages": PROMPT, "max_tokens": 2}).status_code == 200

@@ -157,7 +157,7 @@ def test_a_lease_whose_renewals_keep_failing_is_replaced_after_its_ttl():
 
 
 def test_a_request_waits_for_its_model_at_most_acquire_timeout():
-    from dialects.errors import ApiError
+    from policies.errors import ApiError
 
     async def test(controller, keeper):
         async def never(model):

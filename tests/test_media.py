@@ -29,7 +29,7 @@ from PIL import Image
 
 from deployments import media
 from deployments.media import ImagePolicy, ImageRef, load_images
-from dialects.errors import ApiError
+from policies.errors import ApiError
 
 PARAM = "messages.0.content.1.image_url"
 LOCAL = ImagePolicy(allow_hosts=("127.0.0.1",), timeout_s=2.0, retries=0)

@@ -1,0 +1,114 @@
+"""Errors a client caused or must know about: one type for the whole fleet.
+
+Model servers, the controller and the ingress raise `ApiError`; the ingress renders it in
+the envelope of the dialect the request came in (`dialects/errors.py`). An error that a
+dialect words its own way (a context overflow, which clients parse) is a subclass that keeps
+its numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class ApiError(Exception):
+    """An error the client caused or must know about, rendered as the OpenAI error envelope.
+
+    Arguments are positional in `Exception.args` so the error survives pickling across Ray.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(status, message, type, param, code, headers)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.type}: {self.message}"
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def find_api_error(error: BaseException) -> ApiError | None:
+    """The ApiError behind an exception, also when Ray wrapped it on its way from a replica."""
+    while error is not None:
+        if isinstance(error, ApiError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist. GET /v1/models lists the models this server has.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def validation_error_to_api_error(error: ValidationError) -> ApiError:
+    """Pydantic's most specific complaint, named by its JSON path, as a 400.
+
+    For a value that matches no member of a union pydantic reports one error per member;
+    the deepest one is about the member the client meant (a list of parts, not a string).
+    """
+    deepest = max(error.errors(), key=lambda e: len(e["loc"]))
+    path = ".".join(str(part) for part in deepest["loc"] if not _is_union_label(part))
+    message = deepest["msg"]
+    if path:
+        message = f"{path}: {message}"
+    return ApiError(400, message, param=path or None)
+
+
+def _is_union_label(part: str | int) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
+
+
+class ContextOverflow(ApiError):
+    """The prompt, or the prompt plus the tokens asked for, does not fit the model's context.
+
+    Worded as OpenAI words it; Anthropic's wording comes from the same numbers
+    (`dialects/errors.py`), as clients parse both to retry with less.
+    """
+
+    def __init__(
+        self, model_id: str, prompt_tokens: int, requested: int | None, context_length: int, param: str = "max_tokens"
+    ):
+        self.model_id, self.prompt_tokens = model_id, prompt_tokens
+        self.requested, self.context_length, self.limit_param = requested, context_length, param
+        total = prompt_tokens + (requested or 0)
+        if requested is None:
+            message = (f"This model's maximum context length is {context_length} tokens. However, your messages "
+                       f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.")
+        else:
+            message = (f"This model's maximum context length is {context_length} tokens. However, you requested "
+                       f"{total} tokens ({prompt_tokens} in the messages, {requested} in the completion). "
+                       "Please reduce the length of the messages or completion.")
+        super().__init__(400, message, param="messages" if requested is None else param,
+                         code="context_length_exceeded")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses Ray pickled: rebuilt from its numbers, not from ApiError's arguments.
+        return ContextOverflow, (self.model_id, self.prompt_tokens, self.requested, self.context_length,
+                                 self.limit_param)
