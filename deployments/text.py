@@ -29,7 +29,7 @@ from policies.kv import KvShape, Usage
 from policies.families import FamilyAdapter, adapter_for, render_chat, stop_tokens
 from policies.output_parser import OutputParser
 from policies.stop_strings import StopMatcher
-from policies.constraints import Constraint
+from policies.constraints import Constraint, answer_constraint
 from policies.tool_calls import FORMATS, ToolFormat
 
 logger = logging.getLogger("ray.serve")
@@ -74,7 +74,7 @@ class CompletionTracker:
         return events
 
     def _finish(self, reason: str, step: Step, stop_sequence: str | None = None) -> list[Event]:
-        events: list[Event] = self.parser.finish() if self.parser else []
+        events: list[Event] = self.parser.finish(truncated=reason == "length") if self.parser else []
         self.tool_calls += sum(isinstance(e, ToolCall) for e in events)
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
@@ -234,7 +234,8 @@ class TextModel(GenerativeServer):
     async def _generate(
         self, job: GenerationRequest, prompt: list[int], max_tokens: int, in_reasoning: bool
     ) -> AsyncIterator[list[Event]]:
-        mask = await asyncio.to_thread(self._grammar_mask, job.constraint) if job.constraint else None
+        constraint = answer_constraint(job.constraint, job.tools, self._tool_format)
+        mask = await asyncio.to_thread(self._grammar_mask, constraint) if constraint else None
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         sequence = Sequence(
@@ -389,8 +390,12 @@ class TextModel(GenerativeServer):
         if job.constraint is not None and self.entry.think:
             # The grammar governs the whole answer, which leaves no room for thinking first.
             kwargs.setdefault("enable_thinking", False)
+        messages, tools = job.messages, job.tools
+        tool_format = self._tool_format
+        if tool_format is not None and tool_format.prompt is not None:  # the template renders no tools
+            messages, tools = tool_format.prompt(messages, tools), []
         try:
-            rendered = render_chat(self.adapter, tokenizer, job.messages, job.tools, kwargs)
+            rendered = render_chat(self.adapter, tokenizer, messages, tools, kwargs)
         except Exception as error:  # the template's own raise_exception(), e.g. role order
             raise ApiError(
                 400, f"Model {self.entry.id} cannot format these messages: {error}", param="messages"

@@ -21,19 +21,20 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 @dataclass(frozen=True)
 class Constraint:
     """Either a JSON value of `schema`, or calls to `tools` (only to `tool` when named) in
-    the model's own tool-call format."""
+    the model's own tool-call format; `optional` calls may be text instead."""
 
     schema: dict[str, Any] | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool: str | None = None
     parallel: bool = True
+    optional: bool = False
 
     def grammar(self, tool_format: ToolFormat | None, tokenizer: LLTokenizer | None = None) -> str:
         if self.schema is not None:
             return LLMatcher.grammar_from_json_schema(self.schema, defaults=JSON_LAYOUT)
         if tool_format is None:
             raise ValueError("a tool call is required but the model has no tool-call format")
-        return tool_format.grammar(self.tools, self.tool, self.parallel, tokenizer)
+        return tool_format.grammar(self.tools, self.tool, self.parallel, tokenizer, self.optional)
 
     def error(self, tool_format: ToolFormat | None) -> str | None:
         """Why this constraint cannot be compiled, or None."""
@@ -43,3 +44,14 @@ class Constraint:
             return str(error)
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
         return messages[0] if is_error else None
+
+
+def answer_constraint(
+    asked: Constraint | None, tools: list[dict[str, Any]], tool_format: ToolFormat | None
+) -> Constraint | None:
+    """The constraint a generation runs under: the request's; or, for tools offered to a
+    model that learnt no tool format (the generic one), "text, or valid calls", since such a
+    model writes the convention only from its system prompt."""
+    if asked is not None or not tools or tool_format is None or tool_format.prompt is None:
+        return asked
+    return Constraint(tools=tools, optional=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.detection import gguf_file, read_config, read_gguf_metadata
-from policies.tool_calls import format_for
+from policies.tool_calls import FORMATS, format_for
 
 THINK_MARKERS = ("<think>", "</think>")
 
@@ -35,7 +35,7 @@ def text_features(path: str | Path) -> TextFeatures:
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
             "max_position_embeddings"
         )
-    tool_format = format_for(template)
+    tool_format = format_for(template) or (FORMATS["generic"] if template else None)
     return TextFeatures(
         tool_format=tool_format.name if tool_format else None,
         think=THINK_MARKERS if template and THINK_MARKERS[0] in template else None,

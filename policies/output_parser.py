@@ -43,13 +43,17 @@ class OutputParser:
             pass
         return out
 
-    def finish(self) -> list[Parsed]:
+    def finish(self, truncated: bool = False) -> list[Parsed]:
+        """What the held-back text was. `truncated`: the answer was cut at max_tokens, so a
+        call still being written is dropped, never given back as raw markup."""
         out: list[Parsed] = []
         text, self.pending = self.pending, ""
         if self.strip:
             text = text.lstrip()
         if self.mode == "reasoning":
             _append(out, Reasoning(text))
+        elif self.mode in ("call", "bare") and self.format is not None and truncated:
+            pass
         elif self.mode == "call" and self.format is not None:
             if self.format.end:  # never closed: cut short
                 _append(out, Content(self.format.start + text))

@@ -95,8 +95,9 @@ def test_models_list_their_capabilities(client):
     }
     assert cards["tiny-qwen2"]["context_length"] == 32768
     assert cards["tiny-qwen3"]["capabilities"]["reasoning"] is True
-    assert cards["tiny-mistral"]["capabilities"]["tools"] is False  # its template has no tools
-    assert cards["smollm2-135m-instruct"]["capabilities"]["tools"] is False
+    # Their templates render no tools: they get the generic tool format.
+    assert cards["tiny-mistral"]["capabilities"]["tools"] is True
+    assert cards["smollm2-135m-instruct"]["capabilities"]["tools"] is True
     assert cards["smollm2-135m-instruct"]["context_length"] == 8192
     vision = cards["tiny-qwen2-vl"]["capabilities"]
     assert vision["vision"] and not (vision["tools"] or vision["structured_output"] or vision["logprobs"])
@@ -211,7 +212,7 @@ def test_logprobs_come_from_the_sampling_step(client):
 @pytest.mark.parametrize(
     "model, extra, param, words",
     [
-        ("tiny-mistral", {"tools": [WEATHER]}, "tools", "does not support tools"),
+        ("tiny-qwen2-vl", {"tools": [WEATHER]}, "tools", "does not support tools"),
         ("tiny-qwen2", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "tool_choice", "nope"),
         ("tiny-qwen2", {"tools": [{"type": "function", "function": {"description": "no name"}}]},
@@ -261,4 +262,36 @@ def test_tool_message_without_its_call_id_is_400(http):
 
 def test_the_openai_client_raises_bad_request_for_unsupported_tools(client):
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=[WEATHER])
+        client.chat.completions.create(model="tiny-qwen2-vl", messages=ASK, tools=[WEATHER])
+
+
+REAL = "smollm2-135m-instruct"
+
+
+def test_smollm2_gets_tools_through_the_generic_format(client):
+    # Its template renders no tools: the server writes them into the system prompt, and a
+    # forced call comes back with valid arguments, plain and streamed alike.
+    body = dict(model=REAL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0, max_tokens=100,
+                parallel_tool_calls=False)
+    message = client.chat.completions.create(**body).choices[0].message
+    assert message.tool_calls and not message.content
+    for call in message.tool_calls:
+        schema = WEATHER if call.function.name == "get_weather" else TIME
+        check(json.loads(call.function.arguments), schema["function"]["parameters"])
+    content, calls, finish, _ = assemble(client.chat.completions.create(**body, stream=True))
+    assert finish == "tool_calls"
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+    # With tool_choice auto the answer is text or valid calls, never broken markup.
+    auto = client.chat.completions.create(**{**body, "tool_choice": "auto"}).choices[0]
+    assert "<tool_call>" not in (auto.message.content or "")
+    for call in auto.message.tool_calls or []:
+        check(json.loads(call.function.arguments), WEATHER["function"]["parameters"] if call.function.name == "get_weather"
+              else TIME["function"]["parameters"])
+
+
+def test_a_forced_call_cut_by_max_tokens_is_no_markup(client):
+    choice = client.chat.completions.create(
+        model="tiny-qwen2", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=4
+    ).choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert "<tool_call>" not in (choice.message.content or "")

@@ -81,7 +81,7 @@ def test_forced_tool_use_plain_and_streamed(claude):
 
 def test_any_tool_and_tool_results_in_history(claude):
     message = claude.messages.create(model="tiny-qwen2", max_tokens=200, messages=ASK, tools=[WEATHER],
-                                     tool_choice={"type": "any"}, extra_body={"temperature": 0.7})
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True}, extra_body={"temperature": 0.7})
     calls = [b for b in message.content if b.type == "tool_use"]
     assert calls and message.stop_reason == "tool_use"
     history = [*ASK, {"role": "assistant", "content": [c.model_dump() for c in calls]},
@@ -130,7 +130,7 @@ def test_errors_come_in_anthropic_shape(claude, http):
         claude.messages.create(model="claude-9", max_tokens=5, messages=ASK)
     assert missing.value.body["type"] == "error" and missing.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.BadRequestError) as no_tools:
-        claude.messages.create(model="tiny-mistral", max_tokens=5, messages=ASK, tools=[WEATHER])
+        claude.messages.create(model="tiny-qwen2-vl", max_tokens=5, messages=ASK, tools=[WEATHER])
     assert "does not support tools" in no_tools.value.body["error"]["message"]
     response = http.post("/v1/messages", json={"model": REAL, "messages": ASK},
                          headers={"x-api-key": "anything", "anthropic-version": "2023-06-01"})

@@ -121,9 +121,62 @@ def test_stored_conversations_continue_and_can_be_fetched_and_deleted(client):
 
 def test_what_a_model_cannot_do_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as no_tools:
-        client.responses.create(model="tiny-mistral", input=QUESTION, tools=[WEATHER])
+        client.responses.create(model="tiny-qwen2-vl", input=QUESTION, tools=[WEATHER])
     assert no_tools.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as bad_schema:
         client.responses.create(model="tiny-qwen2", input=QUESTION,
                                 text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}})
     assert bad_schema.value.body["param"] == "text.format.schema"
+
+
+CODEX_TOOLS = [
+    WEATHER,
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+     "tools": [{"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": False,
+                "parameters": {"type": "object", "properties": {"task": {"type": "string", "enum": ["explore", "plan"]}},
+                               "required": ["task"], "additionalProperties": False}}]},
+    {"type": "custom", "name": "apply_patch", "description": "Edit files with a patch.",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[\\s\\S]+/"}},
+    {"type": "web_search", "external_web_access": False},
+]
+
+
+def test_a_codex_shaped_request_is_served_and_says_what_it_left_out(http):
+    # What Codex sends: developer messages, a namespace, a custom tool, a hosted tool, a
+    # reasoning summary, no max_output_tokens, store false, its own extra fields.
+    body = {
+        "model": "tiny-qwen2", "stream": False, "store": False, "tools": CODEX_TOOLS, "tool_choice": "auto",
+        "parallel_tool_calls": True, "reasoning": {"summary": "auto", "effort": "medium"},
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "client_metadata": {"thread": "t"},
+        "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be helpful."}]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "say hello"}]}],
+    }
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    warning = response.headers["warning"]
+    assert "web_search" in warning and "apply_patch" in warning and "reasoning.effort ignored" in warning
+    answer = response.json()
+    assert answer["max_output_tokens"] == 512  # the cap that applied (this suite's default_max_tokens)
+    forced = http.post("/v1/responses", json={**body, "tool_choice": {"type": "function", "name": "multi_agent_v1.spawn_agent"},
+                                              "parallel_tool_calls": False})
+    (call,) = forced.json()["output"]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "spawn_agent", "multi_agent_v1")
+    assert set(json.loads(call["arguments"])) == {"task"}
+    patch = http.post("/v1/responses", json={**body, "tool_choice": {"type": "function", "name": "apply_patch"},
+                                             "parallel_tool_calls": False}).json()
+    # A random-weight model may write the free-form input until the cap: then nothing is a call.
+    assert [item["type"] for item in patch["output"]] in (["custom_tool_call"], [])
+    assert patch["status"] == ("completed" if patch["output"] else "incomplete")
+
+
+def test_a_tool_call_continues_through_previous_response_id(client):
+    first = client.responses.create(model="tiny-qwen2", input="Weather in Paris?", tools=[WEATHER],
+                                    tool_choice="required", parallel_tool_calls=False, max_output_tokens=100)
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    # Only the output goes back, naming the call by the id the client was given.
+    second = client.responses.create(
+        model="tiny-qwen2", previous_response_id=first.id, tools=[WEATHER], max_output_tokens=5,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+    )
+    assert second.status in ("completed", "incomplete")
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens

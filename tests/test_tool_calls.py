@@ -494,3 +494,61 @@ def test_numbers_beyond_float_range_are_no_call():
     parser = OutputParser(FORMATS["llama3"], None)
     assert parser.feed(text) + parser.finish() == [Content(text)]
     assert beyond_float_range(text) and not beyond_float_range('{"n": 1E308, "s": "x"}')
+
+
+# ---------------------------------------------------------------------------------------
+# The generic format: tools for templates that render none.
+
+
+def test_generic_format_writes_the_tools_and_past_calls_into_the_chat():
+    generic = FORMATS["generic"]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"query": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+    ]
+    prompted = generic.prompt(chat, TOOLS)
+    assert [m["role"] for m in prompted] == ["system", "user", "assistant", "user"]
+    assert prompted[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "lookup"' in prompted[0]["content"]
+    assert prompted[2]["content"] == '<tool_call>\n{"name": "lookup", "arguments": {"query":"Paris"}}\n</tool_call>'
+    assert prompted[3]["content"] == "<tool_response>\nSunny\n</tool_response>"
+    # What the model is shown a past call as, it is parsed back from.
+    parser = OutputParser(generic, None)
+    (call,) = parser.feed(prompted[2]["content"]) + parser.finish()
+    assert (call.name, json.loads(call.arguments)) == ("lookup", {"query": "Paris"})
+    assert generic.prompt(chat[1:2], []) == chat[1:2]  # no tools offered: nothing added
+
+
+def test_with_tools_offered_a_generic_answer_is_text_or_valid_calls(tokenizer):
+    generic = FORMATS["generic"]
+    optional = generic.grammar(TOOLS, None, True, tokenizer.ll, optional=True)
+    rng = random.Random("generic-optional")
+    # Free walks are text (a marker is one path among thousands): never a call, never markup.
+    texts = [walk(tokenizer, optional, rng, max_tokens=60) for _ in range(6)]
+    for tokens in filter(None, texts):
+        parser = OutputParser(generic, None)
+        events = parser.feed(tokenizer.ll.decode_str(tokens)) + parser.finish()
+        assert not any(isinstance(e, ToolCall) for e in events)
+    # Every answer the forcing grammar allows, the optional one allows too.
+    forced = generic.grammar(TOOLS, None, True, tokenizer.ll)
+    for _ in range(4):
+        tokens = walk(tokenizer, forced, rng)
+        if tokens is None:
+            continue
+        matcher = LLMatcher(tokenizer.ll, optional, log_level=0)
+        assert matcher.consume_tokens(tokens) and matcher.is_accepting(), tokenizer.ll.decode_str(tokens)
+    # A text may not open like a call and then go astray.
+    matcher = LLMatcher(tokenizer.ll, optional, log_level=0)
+    assert not matcher.consume_tokens(tokenizer.ll.tokenize_str("<tool_call> hello"))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_call_cut_at_max_tokens_is_dropped_not_given_back_as_markup(fmt):
+    tool_format = FORMATS[fmt]
+    parser = OutputParser(tool_format, None)
+    head = "Checking. " if tool_format.start else ""
+    events = parser.feed(head + tool_format.start + '{"name": "lookup", "argu') + parser.finish(truncated=True)
+    text = "".join(e.text for e in events if isinstance(e, Content))
+    assert tool_format.start not in text and '"argu' not in text and not any(isinstance(e, ToolCall) for e in events)

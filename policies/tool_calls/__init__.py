@@ -4,10 +4,11 @@ Each module defines `FORMAT`: the markers around a call in the generated text, a
 the text between them, and the llguidance grammar that forces a call in that format (for
 `tool_choice: "required"` or a named function).
 
-A model gets a format only when its chat template renders tools in it (`format_for`): we
-never invent one. Gemma 1, 2 and 3 templates have no tool format at all, so Gemma has no
-module; FunctionGemma and Gemma 4 use templates of their own (`<start_function_call>`,
-`<|tool_call>`) that are not supported yet.
+A model gets its template's own format when the template renders tools (`format_for`);
+a chat model whose template renders none (Gemma 1-3, SmolLM2, ...) gets the generic format,
+whose module also writes the tools into the prompt (`ToolFormat.prompt`). FunctionGemma and
+Gemma 4 use templates of their own (`<start_function_call>`, `<|tool_call>`) that are not
+supported yet.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from policies.events import ToolCall
 
 class Grammar(Protocol):
     def __call__(
-        self, tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None
+        self, tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None,
+        optional: bool = False,
     ) -> str: ...
+
+
+Prompt = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,11 @@ class ToolFormat:
     start: str  # opens a call in the generated text
     end: str  # closes one; "" when the call runs to the end of the answer
     parse: Callable[[str], list[ToolCall]]  # the text between start and end -> its calls
-    grammar: Grammar  # (tools, name, parallel, tokenizer) -> the grammar forcing calls
+    grammar: Grammar  # (tools, name, parallel, tokenizer, optional) -> the grammar forcing calls
     bare: bool = False  # may a whole answer be calls without the start marker (Llama 3)?
+    # (messages, tools) -> messages with the tools written in, for templates that render
+    # none (the generic format); None when the template renders them itself.
+    prompt: Prompt | None = None
 
 
 def arguments_text(arguments: dict[str, Any]) -> str:
@@ -71,12 +79,15 @@ def tool_calls(parsed: Any) -> list[ToolCall]:
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 
 
-def calls_grammar(start: str, tools: list[dict[str, Any]], name: str | None, arguments_key: str) -> str:
+def calls_grammar(
+    start: str, tools: list[dict[str, Any]], name: str | None, arguments_key: str, optional: bool = False
+) -> str:
     """An llguidance grammar from the format's `start` rule, which writes each call as `call`.
 
     A call is `{"name": "<tool>", "<arguments_key>": <arguments>}`, to one of `tools` (OpenAI
     shape) or only to the one called `name`. Each tool's parameters are a JSON schema of
-    their own, so that their `$ref`s still resolve against their own root.
+    their own, so that their `$ref`s still resolve against their own root. `optional`: the
+    answer may instead be text, which then does not open with a marker (`<` or `[`).
     """
     functions = [tool["function"] for tool in tools]
     if name is not None:
@@ -85,6 +96,8 @@ def calls_grammar(start: str, tools: list[dict[str, Any]], name: str | None, arg
             raise ValueError(f"no tool named {name!r}")
     if not functions:
         raise ValueError("no tools to call")
+    if optional:
+        start = "start: calls | answer\nanswer: /[^<\\[\\s][\\s\\S]*/\n" + start.replace("start:", "calls:", 1)
     rules = [start, "call: " + " | ".join(f"call_{i}" for i in range(len(functions)))]
     for i, function in enumerate(functions):
         schema = dict(function.get("parameters") or {"type": "object"})
@@ -118,7 +131,8 @@ def marker(text: str, tokenizer: LLTokenizer | None) -> str:
 
 
 def format_for(chat_template: str | None) -> ToolFormat | None:
-    """The tool-call format a chat template renders, as mlx-lm's `_infer_tool_parser` finds it."""
+    """The tool-call format a chat template renders, as mlx-lm's `_infer_tool_parser` finds it;
+    None for a template that renders no tools (such a model gets the generic format)."""
     if not chat_template:
         return None
     if "[TOOL_CALLS]" in chat_template:
@@ -137,6 +151,6 @@ def format_for(chat_template: str | None) -> ToolFormat | None:
 
 
 # Imported last: each format module imports ToolFormat and the helpers above.
-from policies.tool_calls import hermes, llama3, mistral  # noqa: E402
+from policies.tool_calls import generic, hermes, llama3, mistral  # noqa: E402
 
-FORMATS = {module.FORMAT.name: module.FORMAT for module in (hermes, llama3, mistral)}
+FORMATS = {module.FORMAT.name: module.FORMAT for module in (generic, hermes, llama3, mistral)}

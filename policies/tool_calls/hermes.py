@@ -21,11 +21,12 @@ def parse(text: str) -> list[ToolCall]:
 
 
 def grammar(
-    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None
+    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None,
+    optional: bool = False,
 ) -> str:
     block = f"{marker(START, tokenizer)} {literal(chr(10))} call {literal(chr(10))} {marker(END, tokenizer)}"
     more = f" ({literal(chr(10))} block)*" if parallel else ""
-    return calls_grammar(f"start: block{more}\nblock: {block}", tools, name, "arguments")
+    return calls_grammar(f"start: block{more}\nblock: {block}", tools, name, "arguments", optional)
 
 
 FORMAT = ToolFormat(name="hermes", start=START, end=END, parse=parse, grammar=grammar)

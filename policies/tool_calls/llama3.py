@@ -33,11 +33,12 @@ def parse(text: str) -> list[ToolCall]:
 
 
 def grammar(
-    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None
+    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None,
+    optional: bool = False,
 ) -> str:
     # The bare form the template's instructions ask for: no marker, the tokenizer is not needed.
     more = f" ({literal('; ')} call)*" if parallel else ""
-    return calls_grammar(f"start: call{more}", tools, name, "parameters")
+    return calls_grammar(f"start: call{more}", tools, name, "parameters", optional)
 
 
 FORMAT = ToolFormat(name="llama3", start=START, end="", parse=parse, grammar=grammar, bare=True)

@@ -21,11 +21,12 @@ def parse(text: str) -> list[ToolCall]:
 
 
 def grammar(
-    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None
+    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None,
+    optional: bool = False,
 ) -> str:
     more = f' ({literal(", ")} call)*' if parallel else ""
     start = f'start: {marker(START, tokenizer)} {literal(" [")} call{more} {literal("]")}'
-    return calls_grammar(start, tools, name, "arguments")
+    return calls_grammar(start, tools, name, "arguments", optional)
 
 
 FORMAT = ToolFormat(name="mistral", start=START, end="", parse=parse, grammar=grammar)
