@@ -5,7 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup models serve test bench clean
+# The real agent clients the suite runs against the server (tests/test_clients.py), from npm.
+CLIENTS := .clients
+CLIENT_PACKAGES := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0
+CLIENTS_STAMP := $(CLIENTS)/.installed-2.1.197-0.171.0
+
+.PHONY: setup models clients serve test bench clean
 
 setup: $(STAMP)
 
@@ -37,11 +42,18 @@ serve: models
 	env $$(grep -v '^#' ops/fleet.env | xargs) HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
 	  $(VENV)/bin/serve run serve_config.yaml
 
-test: models
+clients: $(CLIENTS_STAMP)
+
+$(CLIENTS_STAMP):
+	@command -v npm >/dev/null || { echo "npm is needed for the client tests (Node 20+)"; exit 1; }
+	npm install --prefix $(CLIENTS) --no-audit --no-fund --loglevel=error $(CLIENT_PACKAGES)
+	touch $@
+
+test: models clients
 	$(PY) -m pytest
 
 bench: models
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) models
+	rm -rf $(VENV) models $(CLIENTS)

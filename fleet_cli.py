@@ -5,6 +5,8 @@
     mlx-fleet load MODEL [--pin]    load now (pinned: never evicted, until unloaded)
     mlx-fleet unload MODEL          unpin and unload, after its requests in flight
     mlx-fleet detect PATH_OR_NAME   what type and family the server would detect, as JSON
+    mlx-fleet launch claude|codex [--model M] [--print] [-- ARGS]
+                                    run Claude Code or Codex against this server
 
 `--url` (or MLX_FLEET_URL) names the server, route prefix included; `--admin-key` (or
 MLX_FLEET_ADMIN_KEY) is its `admin_api_key`. Also runs as `python -m fleet_cli`.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -23,6 +27,7 @@ from urllib.parse import quote
 import httpx
 from tabulate import tabulate
 
+from policies.clients import CLIENTS, NoModelFits, choose_model
 from policies.detection import detect as detect_model
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -203,6 +208,29 @@ def detect(args: argparse.Namespace) -> str:
     return "\n".join(json.dumps(row) for row in rows)
 
 
+def launch(args: argparse.Namespace) -> str:
+    """Runs the client in place of this process, pointed at the server (or prints how)."""
+    client = CLIENTS[args.client]
+    catalog = Server(args).get("/v1/models")["data"]
+    try:
+        needs = client.prompt_needs(args.client_args)
+        model = args.model if args.no_check else choose_model(client, catalog, args.model, needs)
+    except NoModelFits as error:
+        raise CliError(str(error)) from None
+    if model is None:
+        raise CliError("--no-check needs --model")
+    url = args.url.rstrip("/")
+    env = client.environment(url, args.api_key, model)
+    command = [client.binary, *client.arguments(url, model), *args.client_args]
+    if args.print:
+        return "\n".join([*(f"export {k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)])
+    binary = shutil.which(client.binary)
+    if binary is None:
+        raise CliError(f"{client.binary} is not on PATH; install it with: npm install -g {client.package}")
+    print(f"mlx-fleet: {client.name} on model {model} at {url}", file=sys.stderr, flush=True)
+    os.execvpe(binary, command, {**os.environ, **env})
+
+
 # -- arguments ----------------------------------------------------------------------------------
 
 
@@ -251,11 +279,23 @@ def parser() -> argparse.ArgumentParser:
         "(read here, no server needed)",
         server=False,
     ).add_argument("path_or_name", nargs="+", help="a model folder, config.json, GGUF file, or hub id")
+    launch_parser = command("launch", launch, "run Claude Code or Codex against this server, on one of its models "
+                            "(arguments after -- go to the client)")
+    launch_parser.add_argument("client", choices=sorted(CLIENTS))
+    launch_parser.add_argument("--model", help="the catalog model to use (default: the first whose context fits)")
+    launch_parser.add_argument("--api-key", default=os.environ.get("MLX_FLEET_API_KEY", "mlx-fleet"),
+                               help="the key the client sends (env MLX_FLEET_API_KEY)")
+    launch_parser.add_argument("--print", action="store_true", help="print the environment and command instead")
+    launch_parser.add_argument("--no-check", action="store_true", help="skip the context check (needs --model)")
     return main_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    # What follows `--` is the launched client's own (argparse's subcommands mishandle it).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    client_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser().parse_args(argv[: len(argv) - len(client_args) - (1 if "--" in argv else 0)])
+    args.client_args = client_args
     try:
         output = args.run(args)
     except CliError as error:

