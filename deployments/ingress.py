@@ -83,7 +83,7 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     body = anthropic_error_body(error) if anthropic_path else error.body()
     if error.status < 500:  # the client's doing: one line, no traceback
         level = logging.INFO if error.status in (400, 404) else logging.WARNING
-        logger.log(level, "%s %s refused: %s", request.method, request.url.path, error)
+        logger.log(level, "%s %s refused: %s", request.method, request.url.path, error.summary())
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 

@@ -21,7 +21,7 @@ class RefusalsInOneLine(logging.Filter):
             return True
         record.levelno = logging.INFO if refusal.status in (400, 404) else logging.WARNING
         record.levelname = logging.getLevelName(record.levelno)
-        record.msg, record.args = "request refused: %s", (str(refusal),)
+        record.msg, record.args = "request refused: %s", (refusal.summary(),)
         record.exc_info, record.exc_text = None, None
         return True
 

@@ -37,6 +37,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        """One line: status, type and message (also for the copy Ray wraps, whose str is a traceback)."""
         return f"{self.status} {self.type}: {self.message}"
 
     def body(self) -> dict[str, Any]:

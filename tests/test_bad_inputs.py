@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import openai
 import pytest
+
+from tests.conftest import wait_for
 
 CHAT = "/v1/chat/completions"
 OK_CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -102,3 +107,45 @@ def test_server_keeps_serving_after_bad_inputs(http):
     response = http.post(CHAT, json=OK_CHAT)
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/messages", "/v1/responses", "/v1/embeddings"])
+def test_a_lone_surrogate_is_400_on_every_text_endpoint(http, path):
+    body = {"model": "tiny-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "a\ud800b"}],
+            "input": "a\ud800b"}
+    if path == "/v1/embeddings":
+        body["model"] = "all-MiniLM-L6-v2"
+    raw = json.dumps(body)  # json.dumps writes the lone surrogate as the escape \ud800
+    response = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.text
+
+
+def serve_log_text() -> str:
+    import ray
+
+    folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*.log")))
+
+
+def test_refusals_are_logged_in_one_line_without_a_traceback(http):
+    before = serve_log_text().count("Traceback")
+    overflow = {**OK_CHAT, "max_tokens": 9000}  # refused by the model's replica, across Ray
+    refusals = [
+        http.post(CHAT, json=overflow),
+        http.post("/v1/messages", json={**overflow, "stream": True}),
+        http.post(CHAT, json={**OK_CHAT, "model": "nope"}),
+    ]
+    assert [r.status_code for r in refusals] == [400, 400, 404]
+    ids = [r.headers["x-request-id"] for r in refusals]
+
+    def logged() -> bool:
+        text = serve_log_text()
+        return all(f"{i} -- " in text and "refused: 40" in text for i in ids)
+
+    wait_for(logged, "the refusals in the serve logs", timeout=20)
+    text = serve_log_text()
+    assert text.count("Traceback") == before
+    for request_id in ids:
+        lines = [line for line in text.splitlines() if request_id in line and "refused" in line]
+        assert lines and all(" ERROR " not in line and "ray::" not in line for line in lines), lines
