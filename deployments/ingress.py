@@ -12,6 +12,7 @@ import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, Sequence, TypeVar
 
+from fastapi.openapi.utils import get_openapi
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,6 +42,32 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="mlx-fleet", description="Many MLX models behind OpenAI's and Anthropic's APIs.")
 
 Body = TypeVar("Body", bound=BaseModel)
+
+# Request schemas the routes declare in /openapi.json; the routes read the raw body
+# themselves (size, depth and encoding limits first), so FastAPI does not see them.
+SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def json_body(schema: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """A route's `openapi_extra`: its request body is `schema`, defined in components under
+    its dialect's name (`anthropic.Tool` and `openai.Tool` are different schemas)."""
+    dialect = schema.__module__.rsplit(".", 1)[-1]
+    definition = schema.model_json_schema(ref_template=f"#/components/schemas/{dialect}.{{model}}", by_alias=True)
+    SCHEMAS.update({f"{dialect}.{name}": part for name, part in definition.pop("$defs", {}).items()})
+    SCHEMAS[f"{dialect}.{schema.__name__}"] = definition
+    reference = {"$ref": f"#/components/schemas/{dialect}.{schema.__name__}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": reference}}}}
+
+
+def openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(SCHEMAS)
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+app.openapi = openapi
 T = TypeVar("T")
 
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
@@ -249,7 +276,7 @@ class Ingress:
 
     # -- OpenAI -------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
         entry = self._entry(body.model, CHAT)
@@ -259,7 +286,7 @@ class Ingress:
         reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
@@ -268,7 +295,7 @@ class Ingress:
         reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = await self._parse(request, EmbeddingRequest)
         entry = self._entry(body.model, EMBEDDINGS)
@@ -284,7 +311,7 @@ class Ingress:
             "usage": {"prompt_tokens": embedded.prompt_tokens, "total_tokens": embedded.prompt_tokens},
         }
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", openapi_extra=json_body(responses.ResponsesRequest))
     async def create_response(self, request: Request):
         body = await self._parse(request, responses.ResponsesRequest)
         entry = self._entry(body.model, CHAT, "/v1/responses")
@@ -312,7 +339,7 @@ class Ingress:
 
     # -- Anthropic ----------------------------------------------------------------------------
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=json_body(anthropic.MessagesRequest))
     async def messages(self, request: Request):
         body = await self._parse(request, anthropic.MessagesRequest)
         entry = self._entry(body.model, CHAT, "/v1/messages")
@@ -321,7 +348,7 @@ class Ingress:
         warnings = self._check(entry, job, body)
         return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post("/v1/messages/count_tokens", openapi_extra=json_body(anthropic.CountTokensRequest))
     async def count_tokens(self, request: Request) -> dict[str, int]:
         body = await self._parse(request, anthropic.CountTokensRequest)
         entry = self._entry(body.model, CHAT, "/v1/messages/count_tokens")
@@ -338,7 +365,7 @@ class Ingress:
         self._require_admin(request)
         return await self.controller.admin_view.remote()
 
-    @app.post("/admin/models/{model_id:path}/load")
+    @app.post("/admin/models/{model_id:path}/load", openapi_extra=json_body(PreloadRequest, required=False))
     async def admin_load(self, model_id: str, request: Request) -> dict[str, Any]:
         self._require_admin(request)
         entry = self._entry(model_id)

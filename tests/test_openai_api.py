@@ -197,3 +197,23 @@ def test_next_turn_reuses_the_prompt_cache_and_answers_the_same(client):
     # The client sees how much of the prompt came from the cache.
     assert first.usage.prompt_tokens <= warm.usage.prompt_tokens_details.cached_tokens < warm.usage.prompt_tokens
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_openapi_declares_every_request_body(http):
+    import jsonschema
+
+    document = http.get("/openapi.json").json()
+    bodies = {
+        "/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        "/v1/completions": {"model": "m", "prompt": "hi"},
+        "/v1/embeddings": {"model": "m", "input": [[1, 2], [3]]},
+        "/v1/responses": {"model": "m", "input": "hi", "tools": [{"type": "web_search"}]},
+        "/v1/messages": {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/messages/count_tokens": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    for path, body in bodies.items():
+        schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        root = {**document, **schema}  # refs resolve against the whole document
+        jsonschema.validate(body, root)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"messages": 3}, root)  # no model: never valid
