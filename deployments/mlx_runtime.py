@@ -10,6 +10,11 @@ the bundled one. macOS uses Accelerate and Metal: nothing to do there.
 
 Importing this module does it: Ray's prestarted workers import it (`RAY_preload_python_modules`,
 ops/fleet.env) and then MLX, so a model's first load finds both ready.
+
+It also imports mlx-lm, whose `utils` sets the open-file limit to (2048, 4096) when imported,
+in every process that imports it: with prestarted workers that preload it, that is every Ray
+worker, the ingress and Serve's proxy (whose connections are files) included, and a lowered
+hard limit cannot be raised again. The import here keeps that call from lowering either limit.
 """
 
 from __future__ import annotations
@@ -72,4 +77,24 @@ def _load_blas() -> str | None:
     return path
 
 
+def _import_mlx_lm_keeping_file_limit() -> None:
+    import resource
+
+    set_limit = resource.setrlimit
+
+    def never_lower(kind: int, limits: tuple[int, int]) -> None:
+        if kind != resource.RLIMIT_NOFILE:
+            return set_limit(kind, limits)
+        soft, hard = resource.getrlimit(kind)
+        wanted = limits[0] if hard == resource.RLIM_INFINITY else min(limits[0], hard)
+        set_limit(kind, (soft if soft == resource.RLIM_INFINITY else max(soft, wanted), hard))
+
+    resource.setrlimit = never_lower
+    try:
+        import mlx_lm.utils  # noqa: F401
+    finally:
+        resource.setrlimit = set_limit
+
+
 BLAS: str | None = _load_blas()
+_import_mlx_lm_keeping_file_limit()

