@@ -73,6 +73,8 @@ T = TypeVar("T")
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
 MAX_JSON_DEPTH = 64
 ANTHROPIC_PATHS = ("/v1/messages",)
+# Features a client insists on, comma-separated: a wish (reasoning) the model lacks is then a 400.
+REQUIRE_HEADER = "x-mlx-fleet-require"
 
 
 class Reply(Protocol):
@@ -282,7 +284,7 @@ class Ingress:
         entry = self._entry(body.model, CHAT)
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        warnings = self._check(entry, job, body)
+        warnings = self._check(entry, job, body, request)
         reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
@@ -291,7 +293,7 @@ class Ingress:
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
         job = GenerationRequest(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
-        warnings = self._check(entry, job, body)
+        warnings = self._check(entry, job, body, request)
         reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
@@ -319,7 +321,7 @@ class Ingress:
         images = await self._images(entry, body.image_urls())
         conversation = body.conversation(earlier, self._vision(entry))
         job = body.to_generation(body.chat(conversation), images)
-        warnings = self._check(entry, job, body)
+        warnings = self._check(entry, job, body, request)
         reply = responses.Reply(entry.id, body)
         store = self._response_storer(reply, body.store, conversation)
         return await self._respond(entry, job, reply, body.stream, after=store, warnings=warnings)
@@ -345,7 +347,7 @@ class Ingress:
         entry = self._entry(body.model, CHAT, "/v1/messages")
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        warnings = self._check(entry, job, body)
+        warnings = self._check(entry, job, body, request)
         return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=json_body(anthropic.CountTokensRequest))
@@ -355,7 +357,7 @@ class Ingress:
         if entry.type != "text-generation":
             raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
         job = body.to_generation(vision=False, images=[])
-        self._check(entry, job, body)
+        self._check(entry, job, body, request)
         lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id))
         self.leases.release(lease)
         return {"input_tokens": tokens}
@@ -430,11 +432,15 @@ class Ingress:
     def _vision(self, entry: ModelEntry) -> bool:
         return self.capabilities[entry.type].accepts_images
 
-    def _check(self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest") -> list[str]:
+    def _check(self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest", request: Request) -> list[str]:
         """Refuse what the model cannot do (400 naming the field that asked for it), and a
-        constraint that does not compile; the warnings for what the answer leaves out."""
+        constraint that does not compile; the warnings for what the answer leaves out.
+        A wish the client insists on (`x-mlx-fleet-require: reasoning`) is a need."""
         features = self._features(entry)
-        for feature, param in body.needs().items():
+        insisted = {f.strip() for f in request.headers.get(REQUIRE_HEADER, "").split(",") if f.strip()}
+        wishes = body.wishes()
+        needs = {**body.needs(), **{feature: param for feature, param in wishes.items() if feature in insisted}}
+        for feature, param in needs.items():
             if not features[feature]:
                 raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
         if job.constraint is not None:
@@ -443,7 +449,7 @@ class Ingress:
                 raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}",
                                param=body.constraint_param)
         unmet = [f"{param} ignored: model {entry.id} does not support {feature.replace('_', ' ')}"
-                 for feature, param in body.wishes().items() if not features[feature]]
+                 for feature, param in wishes.items() if not features[feature]]
         return unmet + body.ignored()
 
     async def _images(self, entry: ModelEntry, urls: list[tuple[str, str]]) -> list[Any]:

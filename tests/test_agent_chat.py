@@ -253,6 +253,13 @@ def test_what_the_answer_leaves_out_is_a_warning_not_a_400(http, model, extra, w
         assert response.json()["choices"][0]["message"]["tool_calls"]
 
 
+def test_a_wish_the_client_insists_on_is_a_need(http):
+    body = {"model": "tiny-llama", "max_tokens": 5, "messages": ASK, "thinking": {"type": "enabled", "budget_tokens": 64}}
+    insisted = http.post("/v1/messages", json=body, headers={"x-mlx-fleet-require": "reasoning"})
+    assert insisted.status_code == 400 and "does not support reasoning" in insisted.json()["error"]["message"]
+    assert http.post("/v1/messages", json=body).status_code == 200
+
+
 def test_tool_message_without_its_call_id_is_400(http):
     messages = [*ASK, {"role": "tool", "content": "sunny"}]
     response = http.post("/v1/chat/completions", json={"model": "tiny-qwen2", "messages": messages})
