@@ -48,6 +48,11 @@ class MessageItem(_Model):
         return [InputText(type="input_text", text=self.content)] if isinstance(self.content, str) else self.content
 
 
+def qualified(name: str, namespace: str | None) -> str:
+    """A function's name as the model sees it: `namespace.name` inside a namespace."""
+    return f"{namespace}.{name}" if namespace else name
+
+
 class FunctionCallItem(_Model):
     type: Literal["function_call"]
     call_id: str
@@ -55,12 +60,21 @@ class FunctionCallItem(_Model):
     arguments: str
     namespace: str | None = None
 
+    def chat_call(self) -> dict[str, Any]:
+        """The call as chat templates read it."""
+        function = {"name": qualified(self.name, self.namespace), "arguments": _arguments(self.arguments)}
+        return {"id": self.call_id, "type": "function", "function": function}
+
 
 class CustomToolCallItem(_Model):
     type: Literal["custom_tool_call"]
     call_id: str
     name: str
     input: str
+
+    def chat_call(self) -> dict[str, Any]:
+        """The call as chat templates read it: the free text as its one argument, `input`."""
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": {"input": self.input}}}
 
 
 class FunctionCallOutputItem(_Model):
@@ -118,9 +132,12 @@ InputItem = Annotated[
 ]
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
 class FunctionTool(_Model):
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -131,7 +148,7 @@ class NamespaceTool(_Model):
     `namespace.name`, and its calls come back named as the client declared them."""
 
     type: Literal["namespace"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: ToolName
     description: str | None = None
     tools: list[FunctionTool]
 
@@ -141,7 +158,7 @@ class CustomTool(_Model):
     call's one string argument, `input`."""
 
     type: Literal["custom"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: ToolName
     description: str | None = None
     format: dict[str, Any] | None = None
 
@@ -182,7 +199,7 @@ class Offered:
 
     @property
     def model_name(self) -> str:
-        return f"{self.namespace}.{self.name}" if self.namespace else self.name
+        return qualified(self.name, self.namespace)
 
 
 class NamedFunction(_Model):
@@ -345,12 +362,7 @@ class ResponsesRequest(_Model):
                 role = "system" if item.role == "developer" else item.role
                 chat.append({"role": role, "content": parts if vision else text})
             elif isinstance(item, (FunctionCallItem, CustomToolCallItem)):
-                if isinstance(item, CustomToolCallItem):
-                    name, arguments = item.name, {"input": item.input}
-                else:
-                    name = f"{item.namespace}.{item.name}" if item.namespace else item.name
-                    arguments = _arguments(item.arguments)
-                call = {"id": item.call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+                call = item.chat_call()
                 last = chat[-1] if chat else None
                 if last and last["role"] == "assistant" and "tool_calls" in last:
                     last["tool_calls"].append(call)
@@ -555,16 +567,8 @@ class Reply:
         """The answer as sent, as the assistant turn a later request's template renders:
         its text, and its calls under the ids the client was given."""
         text = "".join(part["text"] for item in self.items if item["type"] == "message" for part in item["content"])
-        calls = []
-        for item in self.items:
-            if item["type"] == "function_call":
-                name = f"{item['namespace']}.{item['name']}" if item.get("namespace") else item["name"]
-                arguments = json.loads(item["arguments"])
-            elif item["type"] == "custom_tool_call":
-                name, arguments = item["name"], {"input": item["input"]}
-            else:
-                continue
-            calls.append({"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": arguments}})
+        kinds = {"function_call": FunctionCallItem, "custom_tool_call": CustomToolCallItem}
+        calls = [kinds[item["type"]].model_validate(item).chat_call() for item in self.items if item["type"] in kinds]
         turn: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             turn["tool_calls"] = calls

@@ -35,9 +35,8 @@ class ClaudeCode(Client):
     WITHOUT_TOOLS = 3_000
 
     def prompt_needs(self, client_args: list[str]) -> int:
-        tools = client_args[client_args.index("--tools") + 1 : client_args.index("--tools") + 2] \
-            if "--tools" in client_args else None
-        return self.WITHOUT_TOOLS if tools == [""] else self.prompt_tokens
+        after = client_args[client_args.index("--tools") + 1 :] if "--tools" in client_args else None
+        return self.WITHOUT_TOOLS if after and after[0] == "" else self.prompt_tokens
 
     def environment(self, base_url: str, api_key: str, model: str) -> dict[str, str]:
         # Every model role Claude Code uses (its background tasks take the "haiku" one) is

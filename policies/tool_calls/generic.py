@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llguidance import LLTokenizer
-from policies.events import ToolCall
-from policies.tool_calls import ToolFormat, arguments_text, calls_grammar, literal, marker, tool_calls
+from policies.tool_calls import ToolFormat, arguments_text, hermes
 
-START, END = "<tool_call>", "</tool_call>"
+# Hermes' markers, parser and grammar; what is generic is writing the tools into the prompt.
+START, END = hermes.START, hermes.END
 
 INSTRUCTIONS = """# Tools
 
@@ -28,19 +27,6 @@ To call functions, answer with nothing but one block per call, each holding a JS
 {{"name": "<function name>", "arguments": <the arguments as a JSON object>}}
 </tool_call>
 The results come back in <tool_response></tool_response> blocks. When no function is needed, answer in plain text."""
-
-
-def parse(text: str) -> list[ToolCall]:
-    return tool_calls(json.loads(text))
-
-
-def grammar(
-    tools: list[dict[str, Any]], name: str | None, parallel: bool, tokenizer: LLTokenizer | None = None,
-    optional: bool = False,
-) -> str:
-    block = f"{marker(START, tokenizer)} {literal(chr(10))} call {literal(chr(10))} {marker(END, tokenizer)}"
-    more = f" ({literal(chr(10))} block)*" if parallel else ""
-    return calls_grammar(f"start: block{more}\nblock: {block}", tools, name, "arguments", optional)
 
 
 def prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,4 +59,4 @@ def _block(function: dict[str, Any]) -> str:
     return f'{START}\n{{"name": {name}, "arguments": {arguments_text(arguments)}}}\n{END}'
 
 
-FORMAT = ToolFormat(name="generic", start=START, end=END, parse=parse, grammar=grammar, prompt=prompt)
+FORMAT = ToolFormat(name="generic", start=START, end=END, parse=hermes.parse, grammar=hermes.grammar, prompt=prompt)
