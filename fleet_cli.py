@@ -168,6 +168,13 @@ def ps(args: argparse.Namespace) -> str:
             else f"node {n['name']}: not in the cluster"
             for n in view["nodes"]
         )
+    warm = view.get("warm_workers", [])
+    if warm:
+        ready = sum(w["ready"] for w in warm)
+        summary += (
+            f"\nwarm workers (the next load starts in one): {ready} ready, {len(warm) - ready} starting, "
+            f"{size(sum(w['rss_bytes'] for w in warm))} resident"
+        )
     if not rows:
         hint = "" if args.all else " (mlx-fleet ps -a lists unloaded ones too)"
         return f"{summary}\nno model holds memory{hint}"

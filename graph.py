@@ -23,6 +23,7 @@ from deployments.controller import Controller
 from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
 from deployments.replica_policy import POLICY_FUNCTION, zero_replicas
+from deployments.warm_workers import model_runtime_env
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
 from policies.features import text_features
@@ -212,5 +213,10 @@ def deploy(applications: list[dict[str, Any]], timeout: float = 180) -> None:
 
 
 def _on_node(selector: dict[str, str] | None) -> dict[str, Any]:
-    """A model replica's actor options: on the node whose labels match `selector`, if any."""
-    return {"num_cpus": 0, **({"label_selector": selector} if selector else {})}
+    """A model replica's actor options: on the node whose labels match `selector`, if any,
+    in a worker that imported MLX and the model servers (`deployments.warm_workers`)."""
+    return {
+        "num_cpus": 0,
+        "runtime_env": model_runtime_env(),
+        **({"label_selector": selector} if selector else {}),
+    }

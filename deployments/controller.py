@@ -32,6 +32,7 @@ from policies.errors import ApiError, model_not_found
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from deployments.waiting import unless
+from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.eviction import Insufficient
 from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized, Wait
@@ -141,6 +142,7 @@ class Controller:
         )
         self._gone: dict[str, asyncio.Future] = {}
         self.scaler = ReplicaScaler(serve.get_replica_context().app_name)
+        self.warm = WarmWorkers() if config.warm_workers else None
         self.metrics = _metrics()
         # Signalled whenever memory, leases or statuses change: waiters re-check.
         self._changed = asyncio.Condition()
@@ -263,7 +265,10 @@ class Controller:
     # -- admin ----------------------------------------------------------------------------------
 
     async def admin_view(self) -> dict[str, Any]:
-        return self.ledger.view(time.time(), self._free())
+        view = self.ledger.view(time.time(), self._free())
+        # This node's only: the ones on other nodes are started again as replicas take them.
+        view["warm_workers"] = await asyncio.to_thread(waiting_local_workers) if self.warm else []
+        return view
 
     async def preload(self, model_id: str, pin: bool = True) -> None:
         """Load a model now; pinned, it keeps its replica until unloaded through the admin API."""
@@ -390,6 +395,9 @@ class Controller:
             self.ledger.report_usage(model_id, report.usage)
         self.metrics["loads"].inc(tags={"model": model_id})
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
+        if self.warm:
+            node_id = self.ledger.nodes[node].node_id if self.monitor else None
+            self._spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
         logger.info(
             "loaded model %s%s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
             model_id,
@@ -532,6 +540,8 @@ class Controller:
     # -- replicas that die ----------------------------------------------------------------------
 
     async def _check_replicas(self) -> None:
+        if self.warm and not self.monitor:  # one that was killed, or kept alive for too long
+            await self.warm.keep_local()
         loaded = [
             r.id
             for r in self.ledger.models.values()
@@ -637,7 +647,18 @@ class Controller:
         )
         self._ready.set()
         await self._notify()
+        await self._warm_every_node()
         await self._load_pinned()
+
+    async def _warm_every_node(self) -> None:
+        if self.warm is None:
+            return
+        if not self.monitor:
+            await self.warm.keep_local()
+            return
+        for node in self.ledger.nodes.values():
+            if node.alive and node.node_id:
+                await self.warm.replace(node.node_id, "", took_one=True)
 
     async def _load_pinned(self) -> None:
         for record in self.ledger.models.values():
@@ -696,6 +717,8 @@ class Controller:
         self._gone.pop(node.name, None)
         await self._notify()
         if self._ready.is_set():  # at start, `_start` loads them once every node is found
+            if self.warm:
+                self._spawn(self.warm.replace(node.node_id, "", took_one=True))
             self._spawn(self._load_pinned())
 
     async def _node_lost(self, name: str) -> None:

@@ -13,14 +13,16 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import psutil
+import ray
 from ray import serve
 
+from deployments import warm_workers
 from deployments.logs import refusals_in_one_line
 from policies.config import AppConfig, ModelEntry
 from policies.kv import Usage
@@ -38,6 +40,8 @@ class LoadReport:
     process_before_bytes: int  # the same before loading
     replica: str = ""  # the replica that loaded it
     usage: Usage | None = None  # what a text model holds beyond its process, right after load
+    warm_worker: bool = False  # the replica started in a warm worker (deployments.warm_workers)
+    runtime_env: str = ""  # the replica's runtime env as Ray serialized it
 
     @property
     def bytes(self) -> int:
@@ -85,6 +89,13 @@ class ModelServer:
         self._leases: Counter[str] = Counter()
         self._process_start_bytes = psutil.Process().memory_info().rss
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.warm_worker = warm_workers.prestarted()
+        # A replica runs only when the controller wants the model loaded (or Serve replaced
+        # one that was): the weights start loading as soon as the constructor (a subclass's
+        # too) is done, while Serve still marks the replica running and tells the
+        # controller; `load` waits for them.
+        self._weights: Future[LoadReport] | None = None
+        asyncio.get_running_loop().call_soon(self._begin_loading)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -92,12 +103,14 @@ class ModelServer:
         """Load the weights (idempotent) and report what they cost."""
         async with self._load_lock:
             if self._report is None:
-                logger.info("loading model %s from %s", self.entry.id, self.entry.path)
-                report = await self.run_mlx(self._load_measured)
+                self._begin_loading()
+                weights, self._weights = self._weights, None  # a failed load is tried afresh
+                report = await asyncio.wrap_future(weights)
                 logger.info(
-                    "loaded model %s in %.2f s: weights %.1f MB, process %.1f MB, BLAS %s",
+                    "loaded model %s in %.2f s%s: weights %.1f MB, process %.1f MB, BLAS %s",
                     self.entry.id,
                     report.seconds,
+                    " (in a warm worker)" if self.warm_worker else "",
                     report.weights_bytes / 1e6,
                     report.process_bytes / 1e6,
                     self.blas or "bundled",
@@ -109,7 +122,8 @@ class ModelServer:
         if self._report is not None:
             weights = "loaded"
         else:
-            weights = "loading" if self._load_lock.locked() else "none"
+            loading = self._load_lock.locked() or (self._weights is not None and not self._weights.done())
+            weights = "loading" if loading else "none"
         return ReplicaState(weights, self._report, list(self._leases), self.usage())
 
     def usage(self) -> Usage | None:
@@ -140,6 +154,10 @@ class ModelServer:
             self._leases[lease_id] -= 1
             if not self._leases[lease_id]:
                 del self._leases[lease_id]
+
+    def _begin_loading(self) -> None:
+        if self._weights is None and self._report is None:
+            self._weights = self._mlx.submit(self._load_measured)
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -202,6 +220,7 @@ class ModelServer:
     def _load_measured(self) -> LoadReport:
         import mlx.core as mx
 
+        logger.info("loading model %s from %s", self.entry.id, self.entry.path)
         process = psutil.Process()
         started = time.perf_counter()
         rss_before = process.memory_info().rss
@@ -215,4 +234,6 @@ class ModelServer:
             process_before_bytes=rss_before,
             replica=self.replica,
             usage=self.usage(),
+            warm_worker=self.warm_worker,
+            runtime_env=ray.get_runtime_context().get_runtime_env_string(),
         )

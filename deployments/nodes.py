@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 import psutil
 import ray
 
-from policies.config import NodeSpec
+from policies.config import NodeSpec, metal_backend
 from policies.memory import parse_limit
 from policies.nodes import PresentNode, present_nodes
 
@@ -38,6 +38,8 @@ NODE_RETRY_SECONDS = 30.0
 def memory_limit_bytes(limit: str | int) -> int:
     """The budget on this machine; on Apple Silicon never above Metal's recommended working set."""
     budget = parse_limit(limit, psutil.virtual_memory().total)
+    if not metal_backend():  # the CPU backend uses ordinary memory; MLX stays unimported here
+        return budget
     try:
         import mlx.core as mx
 
@@ -45,7 +47,7 @@ def memory_limit_bytes(limit: str | int) -> int:
             working_set = mx.metal.device_info().get("max_recommended_working_set_size")
             if working_set:
                 budget = min(budget, int(working_set))
-    except Exception:  # no Metal here: the CPU backend uses ordinary memory
+    except Exception:  # an MLX without Metal
         pass
     return budget
 

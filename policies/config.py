@@ -180,6 +180,11 @@ class AppConfig(BaseModel):
     replica_overhead: Size = Field(
         default="200MB", description="Memory of a model replica's process before any weights."
     )
+    warm_workers: bool = Field(
+        default=True,
+        description="Keep one idle Ray worker per node with MLX and the model servers imported, "
+        "for the next model load to start in (about 3 s sooner here, ~170 MB while it waits).",
+    )
     idle_ttl: Duration | None = Field(
         default=None, description="Unload unpinned models unused for this long (off by default)."
     )

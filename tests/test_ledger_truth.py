@@ -135,12 +135,49 @@ def test_an_eviction_after_a_client_died_mid_request_is_never_undone(http, base_
         stays_unloaded(http, model)
 
 
-def test_the_ingress_keeps_the_open_file_limit_mlx_lm_would_lower(http):
-    # mlx-lm sets (2048, 4096) when imported; every worker preloads it (ops/fleet.env), the
-    # ingress too, whose connections are files: deployments/mlx_runtime keeps the limit.
+def maps_mlx(pid: int) -> bool:
+    return any("libmlx" in m.path for m in psutil.Process(pid).memory_maps())
+
+
+def ready_warm_workers(http) -> list[dict]:
+    return [w for w in http.get("/admin/models").json()["warm_workers"] if w["ready"]]
+
+
+def test_only_model_replicas_import_mlx_and_they_keep_the_open_file_limit(http):
+    # The ingress, the controller (and Serve's own actors) stay as small as Ray makes them;
+    # a model replica imports mlx-lm, which would set the open-file limit to (2048, 4096)
+    # when imported: deployments/mlx_runtime keeps the limit.
     import resource
 
+    running = replica_processes()
+    for name in FLEET:
+        assert not maps_mlx(running[name][0]), f"{name} imported MLX"
+    reply = http.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    (replica,) = replica_processes()[deployment_name("tiny-llama")]
+    assert maps_mlx(replica)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    (ingress,) = replica_processes()[INGRESS_NAME]
-    assert psutil.Process(ingress).rlimit(psutil.RLIMIT_NOFILE) == (soft, hard)
+    assert psutil.Process(replica).rlimit(psutil.RLIMIT_NOFILE) == (soft, hard)
     assert soft > 2048 or soft == resource.RLIM_INFINITY  # else this machine's limit proves nothing
+    assert http.post("/admin/models/tiny-llama/unload").status_code == 200
+
+
+def test_a_cold_load_starts_in_the_warm_worker_and_another_takes_its_place(http):
+    wait_for(lambda: len(ready_warm_workers(http)) == 1, "one warm worker ready")
+    (warm,) = ready_warm_workers(http)
+    # An idle process of this cluster, MLX and mlx-lm imported, shown with what it holds.
+    process = psutil.Process(warm["pid"])
+    assert process.parent().pid == raylet_pid() and maps_mlx(warm["pid"])
+    assert 0.5 * process.memory_info().rss <= warm["rss_bytes"] <= 1.5 * process.memory_info().rss
+    model = "tiny-mistral"
+    reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    assert replica_processes()[deployment_name(model)] == [warm["pid"]]
+    wait_for(
+        lambda: [w["pid"] for w in ready_warm_workers(http)] not in ([], [warm["pid"]]),
+        "another warm worker ready",
+    )
+    assert len(http.get("/admin/models").json()["warm_workers"]) == 1
+    assert http.post(f"/admin/models/{model}/unload").status_code == 200
+    assert_processes_match_ledger(http)
+    assert not psutil.pid_exists(warm["pid"])  # the replica's process ends with it
