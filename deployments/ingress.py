@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import re
 import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, Sequence, TypeVar
@@ -139,6 +140,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return error_response(request, ApiError(400, f"{path}: {first['msg']}", param=path))
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def decode_json(raw: bytes) -> Any:
     """The body as JSON: strict (no NaN or Infinity) and at most MAX_JSON_DEPTH levels deep."""
     too_deep = ApiError(400, f"The request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
@@ -150,7 +154,9 @@ def decode_json(raw: bytes) -> Any:
         raise ApiError(400, f"The request body is not valid JSON: {error}") from None
     if json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise too_deep
-    path = lone_surrogate_at(data)
+    # UTF-8 cannot carry a surrogate: only a \uD800-\uDFFF escape can, so most bodies are
+    # never walked.
+    path = lone_surrogate_at(data) if SURROGATE_ESCAPE.search(raw) else None
     if path is not None:
         raise ApiError(400, f"{path or 'the body'}: the text holds a lone UTF-16 surrogate (such as \\ud800), "
                        "which is not a Unicode character; send valid UTF-8 text", param=path or None)

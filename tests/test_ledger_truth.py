@@ -164,6 +164,8 @@ def test_only_model_replicas_import_mlx_and_they_keep_the_open_file_limit(http):
 
 
 def test_a_cold_load_starts_in_the_warm_worker_and_another_takes_its_place(http):
+    model = "tiny-mistral"
+    assert http.post(f"/admin/models/{model}/unload").status_code == 200  # a cold load follows
     # Each application of this session's cluster keeps one; they share them (one runtime env).
     wait_for(lambda: ready_warm_workers(http), "a warm worker ready")
     waiting = {w["pid"] for w in http.get("/admin/models").json()["warm_workers"]}
@@ -172,7 +174,6 @@ def test_a_cold_load_starts_in_the_warm_worker_and_another_takes_its_place(http)
     process = psutil.Process(warm["pid"])
     assert process.parent().pid == raylet_pid() and maps_mlx(warm["pid"])
     assert 0.5 * process.memory_info().rss <= warm["rss_bytes"] <= 1.5 * process.memory_info().rss
-    model = "tiny-mistral"
     reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
     assert reply.status_code == 200, reply.text
     (replica,) = replica_processes()[deployment_name(model)]

@@ -329,18 +329,21 @@ def load_tokenizer(path: Path, with_markers: bool) -> Tokenizer:
     return Tokenizer(ll, closing, markers)
 
 
-def smollm2_dir() -> Path | None:
-    converted = sorted(Path("~/.cache/mlx-fleet/gguf").expanduser().glob("SmolLM2*-native"))
-    return converted[0] if converted else None
+def smollm2_dir(demo_models: Path) -> Path:
+    """SmolLM2's mlx-lm folder as the server converts it from its GGUF (once, into the
+    server's own cache: the suite's SmolLM2 loads find it there too)."""
+    from deployments.gguf import converted_model_dir
+    from policies.config import AppConfig
+
+    config = AppConfig(models=[{"id": "smollm2", "path": "."}])
+    (gguf,) = (demo_models / "smollm2-135m-instruct").glob("*.gguf")
+    return converted_model_dir(gguf, config.gguf_cache_dir, config.gguf_dequantize)
 
 
 @pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-qwen2+markers", "smollm2"])
 def tokenizer(request, demo_models) -> Tokenizer:
     if request.param == "smollm2":
-        path = smollm2_dir()
-        if path is None:
-            pytest.skip("no converted SmolLM2 in ~/.cache/mlx-fleet/gguf (make demo-models)")
-        return load_tokenizer(path, with_markers=False)
+        return load_tokenizer(smollm2_dir(demo_models), with_markers=False)
     return load_tokenizer(demo_models / "tiny-qwen2", with_markers=request.param.endswith("+markers"))
 
 
