@@ -37,7 +37,7 @@ models: setup
 
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a single-host cluster whose servers (GCS, raylet,
 # agents, workers) listen on 127.0.0.1 only, as Ray does by default on macOS.
-# ops/fleet.env: the Ray settings the fleet starts with (quiet idle, pre-imported MLX).
+# ops/fleet.env: the Ray settings the fleet starts with (quiet idle, a short request path).
 serve: models
 	env $$(grep -v '^#' ops/fleet.env | xargs) HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
 	  $(VENV)/bin/serve run serve_config.yaml

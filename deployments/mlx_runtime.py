@@ -8,13 +8,12 @@ process would inherit. It must happen before the first `import mlx` of the proce
 extension is bound at load); `MLX_FLEET_BLAS` names another library, or `reference` keeps
 the bundled one. macOS uses Accelerate and Metal: nothing to do there.
 
-Importing this module does it: Ray's prestarted workers import it (`RAY_preload_python_modules`,
-ops/fleet.env) and then MLX, so a model's first load finds both ready.
+Importing this module does it: a model replica's worker imports it first of all, in Ray's
+setup hook (`deployments.warm_workers`), so a model's first load finds MLX ready.
 
-It also imports mlx-lm, whose `utils` sets the open-file limit to (2048, 4096) when imported,
-in every process that imports it: with prestarted workers that preload it, that is every Ray
-worker, the ingress and Serve's proxy (whose connections are files) included, and a lowered
-hard limit cannot be raised again. The import here keeps that call from lowering either limit.
+It also imports mlx-lm, whose `utils` sets the open-file limit to (2048, 4096) in every
+process that imports it, and a lowered hard limit cannot be raised again; a replica serving
+many streams holds many files. The import here keeps that call from lowering either limit.
 """
 
 from __future__ import annotations
