@@ -4,8 +4,9 @@ Its bookkeeping is `policies.ledger.Ledger` (statuses, costs, leases, admission)
 deployment does the slow work the ledger's decisions call for: scaling model deployments
 between zero and one replica, loading weights, checking on replicas, expiring leases.
 
-Every request holds a lease from `acquire` to the end of its response. Acquire returns once
-the model's replica is up with its weights. A load evicts least recently used idle models,
+An ingress holds a lease on a model while it has requests for it (they share it), from
+`acquire` until shortly after the last one ends. Acquire returns once the model's replica is
+up with its weights. A load evicts least recently used idle models,
 waits (up to `load_wait_timeout`) for busy or loading ones, and answers 503
 `insufficient_memory` only for what cannot fit even when every unpinned model is gone.
 

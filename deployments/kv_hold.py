@@ -4,7 +4,7 @@ and its prompt cache, granted by the controller before a sequence starts.
 A sequence reserves its prompt plus `max_tokens` worth of KV before it runs; the replica
 asks the controller only when the grant does not cover it (the controller may evict idle
 models, wait for busy ones, or answer 503), so back-to-back requests cost no round trip.
-When nothing has run for LINGER_SECONDS the grant shrinks back to the prompt cache.
+When nothing has run for GRANT_LINGER_SECONDS the grant shrinks back to the prompt cache.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from policies.kv import Usage
 logger = logging.getLogger("ray.serve")
 
 # An idle replica keeps its grant this long for the next request before giving it back.
-LINGER_SECONDS = 2.0
+GRANT_LINGER_SECONDS = 2.0
 
 
 class KvHold:
@@ -94,7 +94,7 @@ class KvHold:
             return
         # In a fresh context: Serve would cancel the call along with the request that ended.
         self._release = asyncio.get_running_loop().call_later(
-            LINGER_SECONDS, self._start_give_back, context=contextvars.Context()
+            GRANT_LINGER_SECONDS, self._start_give_back, context=contextvars.Context()
         )
 
     def _start_give_back(self) -> None:

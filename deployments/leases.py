@@ -4,7 +4,7 @@ An ingress holds one controller lease per model it is using, shared by its reque
 model: the model cannot be evicted while any of them runs, and only the first request (or
 the first after a quiet moment) asks the controller. Each request gets a `Hold` on the shared
 lease, released exactly once; the lease itself goes back to the controller when the last
-hold is gone for `LINGER_SECONDS`. Held leases are renewed while in use; the controller
+hold is gone for `LEASE_LINGER_SECONDS`. Held leases are renewed while in use; the controller
 expires leases that stop being renewed, so whatever happens to this process a model is never
 held longer than `lease_ttl` by requests that are gone.
 
@@ -37,7 +37,7 @@ RELEASE_ATTEMPTS = 3
 CONTROLLER_RETRY_SECONDS = 0.5
 # A lease kept this long after its last request, for the next one: back-to-back requests
 # skip the controller, and an eviction of the model waits at most this much longer.
-LINGER_SECONDS = 0.25
+LEASE_LINGER_SECONDS = 0.25
 # While a call waits this long for its model, the leases are renewed to learn whether the
 # controller took them back (a node that left): such a call would otherwise wait for good.
 WAITING_RENEW_SECONDS = 2.0
@@ -145,7 +145,7 @@ class LeaseKeeper:
             return  # the controller had expired that lease: nothing left to give back
         shared.holds -= 1
         if shared.holds == 0:
-            shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
+            shared.linger = self._loop.call_later(LEASE_LINGER_SECONDS, self._give_back, shared)
 
     async def guarded(self, hold: Hold, work: Awaitable[T]) -> T:
         """`work`'s result, unless the hold's lease is lost first: then `work` is cancelled
@@ -184,7 +184,7 @@ class LeaseKeeper:
         shared = _Shared(lease, self._loop.create_future(), renewed=time.monotonic())
         self._shared[model_id] = shared
         # Until a waiting request takes a hold, the lease lingers like an idle one.
-        shared.linger = self._loop.call_later(LINGER_SECONDS, self._give_back, shared)
+        shared.linger = self._loop.call_later(LEASE_LINGER_SECONDS, self._give_back, shared)
         self._keep_renewing()
 
     def _keep_renewing(self) -> None:

@@ -290,8 +290,6 @@ class ModelEntry:
     family: str
     pinned: bool
     memory_bytes: int | None
-    architecture: str | None
-    reason: str
     idle_ttl: float | None = None
     tool_format: str | None = None  # text models: the tool-call format their template renders
     think: tuple[str, str] | None = None  # text models: the markers around their reasoning

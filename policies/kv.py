@@ -43,7 +43,3 @@ class Usage:
     held_bytes: int = 0  # what the controller granted: covers the two above
     process_bytes: int | None = None  # the process without those, when last measured idle
     kv_bytes_per_token: int = 0  # what a token adds to a sequence (shorter than any window)
-
-    @property
-    def in_use(self) -> int:
-        return self.prompt_cache_bytes + self.kv_bytes

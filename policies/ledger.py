@@ -4,7 +4,8 @@ Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment o
 `Ledger` and does the slow work its decisions call for (scaling replicas, loading weights).
 
 - A model's status changes only through `_move`, which checks the transition and logs it.
-- A request holds a `Lease` on its model from acquire to the end of its response. Leases
+- An ingress holds a `Lease` on a model while it has requests for it there (its requests
+  share it; it lingers a moment after the last one ends). Leases
   expire unless renewed, so a holder that died frees its model within `lease_ttl`; a
   released lease cannot come back through a late renewal.
 - Loads are admitted by `admit`: evict least recently used idle models, wait for busy or
@@ -78,7 +79,7 @@ class Measured:
 
 @dataclass(frozen=True)
 class Lease:
-    """A request's claim on a loaded model; `ttl` seconds unless renewed."""
+    """An ingress's claim on a loaded model for its requests; `ttl` seconds unless renewed."""
 
     id: str
     model: str
@@ -482,9 +483,6 @@ class Ledger:
         for lease in expired:
             self.release(lease.id, now)
         return expired
-
-    def next_lease_expiry(self) -> float | None:
-        return min((r.expires_at for r in self._leases.values()), default=None)
 
     def _add_lease(self, lease: Lease, now: float) -> None:
         self._leases[lease.id] = _LeaseRecord(lease, now, now + lease.ttl)

@@ -88,7 +88,7 @@ def test_each_model_gets_a_deployment_per_node_it_may_use():
     assert config().node_names == ["local"]
     entry = ModelEntry(
         id="org/m", deployment="org--m", path="x", type="text-generation", family="llama",
-        pinned=False, memory_bytes=None, architecture=None, reason="test",
+        pinned=False, memory_bytes=None,
     )
     assert entry.placements(cfg.node_names) == {"studio": "org--m@studio", "mini": "org--m@mini"}
     assert replace(entry, node="studio").placements(cfg.node_names) == {"studio": "org--m@studio"}
@@ -105,7 +105,7 @@ def test_catalog_resolves_local_dirs_and_detects_family(tmp_path):
     path = write_model(tmp_path / "m", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
     (entry,) = build_catalog(config(models=[{"id": "q", "path": path, "memory": "1GB"}]))
     assert entry.path == path
-    assert (entry.type, entry.family, entry.architecture) == ("text-generation", "qwen", "qwen2")
+    assert (entry.type, entry.family) == ("text-generation", "qwen")
     assert entry.memory_bytes == 1_000_000_000
     assert entry.deployment == "q"
 

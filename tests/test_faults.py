@@ -393,7 +393,7 @@ def test_a_burst_over_the_budget_is_served_in_turn(faults):
     view = admin(faults)
     assert view["used_bytes"] <= view["memory_limit_bytes"]
     assert sum(m["evictions"] for m in view["models"]) >= 2
-    # The ingress keeps each lease a moment for a next request (LINGER_SECONDS), then no more.
+    # The ingress keeps each lease a moment for a next request (LEASE_LINGER_SECONDS), then no more.
     wait_for(lambda: leases_left(faults) == 0, "no lease left after the burst", timeout=5)
 
 

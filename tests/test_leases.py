@@ -51,7 +51,7 @@ def run(test):
 
 
 def test_concurrent_requests_share_one_grant_and_release_it_once(monkeypatch):
-    monkeypatch.setattr(leases_module, "LINGER_SECONDS", 0.05)
+    monkeypatch.setattr(leases_module, "LEASE_LINGER_SECONDS", 0.05)
 
     async def test(controller, keeper):
         holds = await asyncio.gather(*(keeper.acquire("m") for _ in range(5)))
@@ -73,7 +73,7 @@ def test_concurrent_requests_share_one_grant_and_release_it_once(monkeypatch):
 
 
 def test_a_cancelled_waiter_leaves_the_grant_to_be_given_back(monkeypatch):
-    monkeypatch.setattr(leases_module, "LINGER_SECONDS", 0.05)
+    monkeypatch.setattr(leases_module, "LEASE_LINGER_SECONDS", 0.05)
 
     async def test(controller, keeper):
         waiter = asyncio.ensure_future(keeper.acquire("m"))

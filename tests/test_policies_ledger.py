@@ -26,8 +26,6 @@ def entry(model_id: str, memory: int | None = GB, pinned: bool = False, idle_ttl
         family="llama",
         pinned=pinned,
         memory_bytes=memory,
-        architecture="llama",
-        reason="test",
         idle_ttl=idle_ttl,
     )
 
@@ -188,7 +186,6 @@ def test_leases_expire_unless_renewed():
     book = ledger(entry("a"), ttl=10)
     load(book, "a")
     kept, lost = book.grant("a", now=0), book.grant("a", now=0)
-    assert book.next_lease_expiry() == 10
     assert book.renew({kept.id: "a"}, now=8) == []
     assert book.expire_leases(now=9.9) == []
     assert book.expire_leases(now=10) == [lost]
