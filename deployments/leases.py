@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.waiting import Abandoned, unless
-from policies.errors import ApiError
+from policies.errors import ApiError, controller_unavailable
 from policies.ledger import Lease
 
 logger = logging.getLogger("ray.serve")
@@ -206,13 +206,7 @@ class LeaseKeeper:
                 if not controller_gone(error):
                     raise
                 if time.monotonic() > deadline:
-                    raise ApiError(
-                        503,
-                        "The fleet controller is restarting; retry in a few seconds",
-                        "controller_unavailable",
-                        code="controller_unavailable",
-                        headers={"retry-after": "2"},
-                    ) from None
+                    raise controller_unavailable(f"restarting for over {self.acquire_timeout:.0f} s") from None
                 logger.warning("controller gone while acquiring model %s; retrying", model_id)
                 await asyncio.sleep(CONTROLLER_RETRY_SECONDS)
 

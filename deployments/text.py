@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.batching import BatchEngine, Sequence, Step
 from deployments.constraints import GrammarMask, GrammarTokenizer
@@ -20,7 +21,7 @@ from deployments.gguf import converted_model_dir
 from deployments.kv_hold import KvHold
 from deployments.model_server import LoadReport, ModelServer
 from deployments.prompt_store import PromptStore, model_key
-from policies.errors import ApiError, find_api_error
+from policies.errors import ApiError, controller_unavailable, find_api_error
 from policies.generation import GenerationRequest, Sampling, token_budget
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
@@ -182,6 +183,7 @@ class TextModel(GenerativeServer):
         self.prompt_store_dir = Path(config.prompt_cache_dir).expanduser()
         self.prompt_store_bytes = config.prompt_cache_disk_bytes
         self.prompt_store: PromptStore | None = None
+        self._controller: DeploymentHandle | None = None  # looked up on first use
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown of the replica (eviction, idle TTL, admin unload): the
@@ -282,19 +284,14 @@ class TextModel(GenerativeServer):
     async def _ask_controller(
         self, held: int, patience: float, final: bool, evict: bool, alone: int
     ) -> int | None:
-        controller = serve.get_deployment_handle(CONTROLLER_NAME, serve.get_replica_context().app_name)
+        if self._controller is None:
+            self._controller = serve.get_deployment_handle(CONTROLLER_NAME, serve.get_replica_context().app_name)
         try:
-            return await controller.hold.remote(self.entry.id, held, patience, final, evict, alone)
+            return await self._controller.hold.remote(self.entry.id, held, patience, final, evict, alone)
         except Exception as error:
             if find_api_error(error) is not None:
                 raise
-            raise ApiError(
-                503,
-                f"The memory controller did not answer ({type(error).__name__}); retry shortly",
-                "controller_unavailable",
-                code="controller_unavailable",
-                headers={"retry-after": "2"},
-            ) from None
+            raise controller_unavailable(type(error).__name__) from None
 
     def _prompt_cache_bytes(self) -> int:
         return self.engine.prompt_cache_bytes() if self.engine is not None else 0

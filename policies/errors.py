@@ -71,6 +71,17 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
+def controller_unavailable(why: str) -> ApiError:
+    """The fleet controller could not be reached (it restarts by itself within seconds)."""
+    return ApiError(
+        503,
+        f"The fleet controller did not answer ({why}); retry in a few seconds",
+        "controller_unavailable",
+        code="controller_unavailable",
+        headers={"retry-after": "2"},
+    )
+
+
 def validation_error_to_api_error(error: ValidationError) -> ApiError:
     """Pydantic's most specific complaint, named by its JSON path, as a 400.
 
