@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -117,13 +117,19 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-@app.exception_handler(Exception)
 async def _any_error(request: Request, error: Exception) -> JSONResponse:
     api_error = find_api_error(error)
     if api_error is None:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         api_error = ApiError(500, f"Internal server error: {type(error).__name__}", "server_error")
     return error_response(request, api_error)
+
+
+# Starlette hands a handler for Exception to its outermost middleware, which re-raises after
+# answering: Serve's proxy would log every refusal as a failed request with its traceback.
+# Refusals (ours, or ours wrapped by Ray on their way from a replica) are answered inside.
+for _refusal in (ApiError, RayError, Exception):
+    app.add_exception_handler(_refusal, _any_error)
 
 
 @app.exception_handler(StarletteHTTPException)

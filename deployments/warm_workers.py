@@ -38,6 +38,8 @@ warmed_at: float | None = None
 # longer than this before its replica was prestarted.
 PRESTARTED_AFTER_SECONDS = 1.0
 READY_TITLE = "ray::IDLE:mlx-fleet-warm-worker"
+# A worker importing for longer than this (its imports take ~3 s here) is not counted on.
+STARTING_GRACE_SECONDS = 30.0
 
 
 def prestarted() -> bool:
@@ -136,7 +138,12 @@ def waiting_local_workers() -> list[dict[str, Any]]:
             title = (child.cmdline() or [""])[0]
             if title.startswith("ray::ServeReplica") or child.environ().get(SETUP_HOOK_ENV) != SETUP_HOOK:
                 continue
-            found.append({"pid": child.pid, "ready": title.startswith(READY_TITLE), "rss_bytes": child.memory_info().rss})
+            found.append({
+                "pid": child.pid,
+                "ready": title.startswith(READY_TITLE),
+                "rss_bytes": child.memory_info().rss,
+                "age_s": time.time() - child.create_time(),
+            })
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
@@ -165,8 +172,10 @@ class WarmWorkers:
         self.local = local_raylet()
 
     async def keep_local(self) -> None:
-        """Start a warm worker on this node unless one waits already."""
-        if not await asyncio.to_thread(waiting_local_workers):
+        """Start a warm worker on this node unless one waits already (or is starting, and
+        not for so long that it never will be ready)."""
+        waiting = await asyncio.to_thread(waiting_local_workers)
+        if not any(w["ready"] or w["age_s"] < STARTING_GRACE_SECONDS for w in waiting):
             await self.start(self.local)
 
     async def replace(self, node_id: str | None, runtime_env: str, took_one: bool) -> None:

@@ -179,7 +179,9 @@ def test_a_cold_load_starts_in_the_warm_worker_and_another_takes_its_place(http)
     (replica,) = replica_processes()[deployment_name(model)]
     assert replica in waiting, f"replica {replica} not among the warm workers {waiting}: {raylet_children()}"
     wait_for(
-        lambda: {w["pid"] for w in ready_warm_workers(http)} - waiting, "another warm worker ready"
+        lambda: {w["pid"] for w in ready_warm_workers(http)} - {replica},
+        "another warm worker ready",
+        timeout=90,  # the controller checks every 10 s, past a starting one's grace
     )
     assert http.post(f"/admin/models/{model}/unload").status_code == 200
     assert_processes_match_ledger(http)
