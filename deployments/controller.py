@@ -655,11 +655,11 @@ class Controller:
         if self.warm is None:
             return
         if not self.monitor:
-            await self.warm.keep_local()
+            await self.warm.warm(None)
             return
         for node in self.ledger.nodes.values():
             if node.alive and node.node_id:
-                await self.warm.replace(node.node_id, "", took_one=True)
+                await self.warm.warm(node.node_id)
 
     async def _load_pinned(self) -> None:
         for record in self.ledger.models.values():
@@ -719,7 +719,7 @@ class Controller:
         await self._notify()
         if self._ready.is_set():  # at start, `_start` loads them once every node is found
             if self.warm:
-                self._spawn(self.warm.replace(node.node_id, "", took_one=True))
+                self._spawn(self.warm.warm(node.node_id))
             self._spawn(self._load_pinned())
 
     async def _node_lost(self, name: str) -> None:

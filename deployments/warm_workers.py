@@ -86,14 +86,6 @@ class Raylet:
     node_id: str
 
 
-def local_raylet() -> Raylet:
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    return Raylet(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}", node_id)
-
-
 def raylet_of(node_id: str) -> Raylet | None:
     import ray
 
@@ -169,14 +161,22 @@ class WarmWorkers:
         context = ray.get_runtime_context()
         self.job_id = context.get_job_id()
         self.runtime_env = serialized_model_runtime_env(context.get_runtime_env_string())
-        self.local = local_raylet()
+        self.local_node_id = context.get_node_id()
 
     async def keep_local(self) -> None:
         """Start a warm worker on this node unless one waits already (or is starting, and
         not for so long that it never will be ready)."""
         waiting = await asyncio.to_thread(waiting_local_workers)
         if not any(w["ready"] or w["age_s"] < STARTING_GRACE_SECONDS for w in waiting):
-            await self.start(self.local)
+            await self._start(self.local_node_id)
+
+    async def warm(self, node_id: str | None) -> None:
+        """A warm worker on `node_id` (None: this node): here unless one waits already;
+        elsewhere (whose workers this process cannot see) one more."""
+        if node_id is None or node_id == self.local_node_id:
+            await self.keep_local()
+        else:
+            await self._start(node_id)
 
     async def replace(self, node_id: str | None, runtime_env: str, took_one: bool) -> None:
         """After a model replica started on `node_id` (None: this node), in the runtime env it
@@ -188,15 +188,14 @@ class WarmWorkers:
             )
             self.runtime_env = runtime_env
             await asyncio.to_thread(stop_waiting_local_workers)  # no replica will take them
-        if node_id is None or node_id == self.local.node_id:
-            await self.keep_local()
-        elif took_one or not runtime_env:
+        local = node_id is None or node_id == self.local_node_id
+        if local or took_one:
+            await self.warm(node_id)
+
+    async def _start(self, node_id: str) -> None:
+        try:
             raylet = await asyncio.to_thread(raylet_of, node_id)
             if raylet is not None:
-                await self.start(raylet)
-
-    async def start(self, raylet: Raylet) -> None:
-        try:
-            await asyncio.to_thread(prestart, raylet, self.job_id, self.runtime_env)
+                await asyncio.to_thread(prestart, raylet, self.job_id, self.runtime_env)
         except Exception as error:  # a cold load is slower, not broken
-            logger.warning("could not start a warm worker on node %s: %r", raylet.node_id, error)
+            logger.warning("could not start a warm worker on node %s: %r", node_id, error)
