@@ -210,6 +210,35 @@ def deploy(applications: list[dict[str, Any]], timeout: float = 180) -> None:
     raise TimeoutError(f"applications {sorted(names)} were not running after {timeout:.0f} s")
 
 
+def direct_ingress_port(app_name: str, timeout: float = 60) -> int:
+    """The port on which the application's ingress replica serves HTTP itself (Serve's direct
+    ingress, on in ops/fleet.env), once it does; Serve's proxy port answers the same routes
+    one hop slower."""
+    import time
+
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        groups = ray.get(controller.get_target_groups.remote(app_name))
+        ports = [
+            target.port
+            for group in groups
+            if group.protocol == RequestProtocol.HTTP and group.ingress_deployment_name
+            for target in group.targets
+        ]
+        if ports:
+            return ports[0]
+        time.sleep(0.2)
+    raise TimeoutError(
+        f"application {app_name!r} serves no HTTP port of its own after {timeout:.0f} s: is "
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray started with (ops/fleet.env)?"
+    )
+
+
 def _on_node(selector: dict[str, str] | None) -> dict[str, Any]:
     """A model replica's actor options: on the node whose labels match `selector`, if any,
     in a worker that imported MLX and the model servers (`deployments.warm_workers`)."""

@@ -49,12 +49,13 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
     import ray
     from ray import serve
 
-    from graph import application_config, deploy, fleet_env
+    from graph import application_config, deploy, direct_ingress_port, fleet_env
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     os.environ.pop("RAY_ADDRESS", None)  # "local" must mean a new cluster of our own
     if os.environ.get("BENCH_RAY_DEFAULTS") != "1":  # the Ray settings `make serve` uses
         os.environ.update({k: v for k, v in fleet_env().items() if k not in os.environ})
+        os.environ.update(direct_ingress_env(free_port()))
     prompt_caches = tempfile.TemporaryDirectory(prefix="mlx-fleet-bench-prompt-cache-")
     args = {"prompt_cache_dir": prompt_caches.name, **args}
     ray.init(
@@ -68,13 +69,30 @@ def serve_app(args: dict[str, Any], name: str = "bench", settle_timeout: float =
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy([application_config(args, name)])
-        base_url = f"http://127.0.0.1:{port}"
+        direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+        base_url = f"http://127.0.0.1:{direct_ingress_port(name) if direct else port}"
         _wait_until_settled(base_url, name, settle_timeout)
         yield base_url
     finally:
         serve.shutdown()
         ray.shutdown()
         prompt_caches.cleanup()
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Serve's direct ingress on `port` alone, in place of ops/fleet.env's 8000, which a
+    server of the user's may hold."""
+    return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+
+
+def proxy_url() -> str:
+    """The running Serve instance's proxy: the same routes as the ingress replica's own port,
+    one hop longer."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    options = ray.get(_get_global_client()._controller.get_http_config.remote())
+    return f"http://{options.host}:{options.port}"
 
 
 def _wait_until_settled(base_url: str, app_name: str, timeout: float) -> None:

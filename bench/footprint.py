@@ -31,7 +31,7 @@ import httpx
 import psutil
 import yaml
 
-from bench.common import ROOT, Summary, free_port, write_result
+from bench.common import ROOT, Summary, direct_ingress_env, free_port, write_result
 from graph import application_config, fleet_env
 from bench.memory import label
 
@@ -133,12 +133,18 @@ def idle_figures(figures: dict, phase: str, root: psutil.Process, seconds: float
         print(f"  {share:5.1f} %  {name}")
 
 
-def serve_config(config: dict, port: int) -> str:
-    """`config` with its HTTP port set, written where `serve run` can read it."""
-    config = {**config, "http_options": {**config.get("http_options", {}), "port": port}}
+def serve_config(config: dict, env: dict[str, str]) -> tuple[str, int, dict[str, str]]:
+    """`config` on free ports, written where `serve run` can read it, with the environment
+    to run it in and the port the API is at: the ingress replica's own (direct ingress, as
+    ops/fleet.env has it) or, without direct ingress, Serve's proxy."""
+    proxy_port = free_port()
+    config = {**config, "http_options": {**config.get("http_options", {}), "port": proxy_port}}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, delete=False) as file:
         yaml.safe_dump(config, file)
-    return file.name
+    if env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        return file.name, proxy_port, env
+    api_port = free_port()
+    return file.name, api_port, {**env, **direct_ingress_env(api_port)}
 
 
 def measure_floor(figures: dict, env: dict[str, str], seconds: float, deployments: int) -> None:
@@ -155,11 +161,11 @@ def measure_floor(figures: dict, env: dict[str, str], seconds: float, deployment
         idle_figures(figures, "floor", psutil.Process(process.pid), seconds)
     finally:
         stop(process)
-    port = free_port()
     app = application_config({"deployments": deployments}, "trivial", import_path="bench.floor:build_trivial")
-    path = serve_config({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1"}, "applications": [app]}, port)
+    trivial = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1"}, "applications": [app]}
+    path, port, trivial_env = serve_config(trivial, env)
     started = time.perf_counter()
-    process = launch([serve_bin, "run", path], env)
+    process = launch([serve_bin, "run", path], trivial_env)
     try:
         wait_for(f"http://127.0.0.1:{port}/")
         figures["trivial_app_start_s"] = time.perf_counter() - started
@@ -187,9 +193,8 @@ def main() -> None:
     figures: dict[str, Summary | float] = {}
     if not args.no_floor:
         measure_floor(figures, env, args.idle_seconds, len(config["applications"][0]["args"]["models"]))
-    port = free_port()
+    path, port, env = serve_config(config, env)
     base = f"http://127.0.0.1:{port}"
-    path = serve_config(config, port)
     serve_bin = Path(sys.executable).parent / "serve"
     started = time.perf_counter()
     process = launch([str(serve_bin), "run", path], env)

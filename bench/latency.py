@@ -11,6 +11,8 @@ interleaved so that all see the same machine load:
 
 * server, end to end: a non-streaming chat with `max_tokens: 1`, from sending to the answer.
 * server, time to first token: the same chat streaming, to its first content chunk.
+* the same through Serve's proxy (our own server only): its port answers the same routes,
+  one hop longer than the ingress replica's own port (direct ingress, ops/fleet.env).
 * in-process: render the chat template, tokenize and `mlx_lm.generate` one token in this
   process; what the replica computes for the request, without HTTP, JSON and Ray.
 
@@ -23,14 +25,14 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any, Callable, Sequence
 
 import httpx
 from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_sampler
 
-from bench.common import ROOT, Summary, serve_app, summarize, write_result
+from bench.common import ROOT, Summary, proxy_url, serve_app, summarize, write_result
 from bench.throughput import MESSAGES, chat_body, stream_chat, wait_until_loaded
 
 MODEL_ID = "tiny"
@@ -94,12 +96,15 @@ def main() -> None:
     # Figure name -> one sample (milliseconds) per repeat, in the order the table lists them.
     samples: dict[str, list[float]] = defaultdict(list)
     server = nullcontext(args.url.rstrip("/").removesuffix("/v1")) if args.url else serve_app(APP_ARGS)
-    with server as base_url, httpx.Client(base_url=base_url, timeout=60) as client:
+    with server as base_url, httpx.Client(base_url=base_url, timeout=60) as client, ExitStack() as stack:
         if not args.url:
             wait_until_loaded(client, MODEL_ID)
+            # The same stream through Serve's proxy: what direct ingress saves.
+            proxied = stack.enter_context(httpx.Client(base_url=proxy_url(), timeout=60))
         modes: dict[str, Callable[[], float]] = {
             "server_e2e": lambda: e2e_seconds(client, model_id),
             "server_ttft": lambda: ttft_seconds(client, model_id),
+            **({} if args.url else {"server_ttft_via_proxy": lambda: ttft_seconds(proxied, model_id)}),
             "in_process": lambda: in_process_seconds(model, tokenizer),
         }
         # Untimed: the connection, first-call costs and MLX's first graph of each mode.

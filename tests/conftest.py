@@ -38,6 +38,11 @@ from graph import fleet_env  # noqa: E402
 
 for _name, _value in fleet_env().items():
     os.environ.setdefault(_name, _value)
+# The session runs several applications, each ingress replica serving HTTP on a port of its
+# own (direct ingress): Serve's default range, in place of the fleet's one port (8000, which
+# a server of the user's may hold).
+os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = "30000"
+os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = "31000"
 
 
 def free_port() -> int:
@@ -108,17 +113,24 @@ def serve_port(ray_cluster) -> int:
 DEPLOYED: dict[str, dict] = {}
 
 
-def run_app(
-    args: dict, port: int, name: str = APP_NAME, route_prefix: str = "/", import_path: str = "graph:build_app"
-) -> str:
-    """Deploy the application from `args`, as `serve run` would, and return its base URL."""
+def run_app(args: dict, name: str = APP_NAME, route_prefix: str = "/", import_path: str = "graph:build_app") -> str:
+    """Deploy the application from `args`, as `serve run` would, and return its base URL: its
+    ingress replica's own HTTP port (direct ingress, as `make serve` serves it)."""
     from graph import application_config, deploy
 
     os.chdir(ROOT)  # relative model paths in args are relative to the repo, as with `serve run`
     args = {"prompt_cache_dir": str(PROMPT_CACHE_DIR / name), **args}
     DEPLOYED[name] = application_config(args, name, route_prefix, import_path)
     deploy(list(DEPLOYED.values()))
-    return f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    return app_url(name, route_prefix)
+
+
+def app_url(name: str, route_prefix: str) -> str:
+    """The application's base URL now: its ingress replica's port, which a restarted replica
+    may not get back here (many applications share the session's port range)."""
+    from graph import direct_ingress_port
+
+    return f"http://127.0.0.1:{direct_ingress_port(name)}{route_prefix.rstrip('/')}"
 
 
 def delete_app(name: str) -> None:
@@ -130,7 +142,7 @@ def delete_app(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def base_url(demo_models, serve_port) -> str:
-    return run_app(default_app_args(), serve_port)
+    return run_app(default_app_args())
 
 
 @pytest.fixture(scope="session")

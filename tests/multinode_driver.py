@@ -117,7 +117,7 @@ class Fleet:
         # One machine: proxies on every node would all bind this port.
         serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
 
-        from graph import application_config, deploy
+        from graph import application_config, deploy, direct_ingress_port
 
         os.chdir(ROOT)
         args = {"prompt_cache_dir": str(WORK_DIR / "prompt-cache"), **self.config["args"]}
@@ -125,7 +125,7 @@ class Fleet:
         deploy([application_config(args, "mlx-fleet")])
         log(f"application running at {time.monotonic() - started:.1f} s")
         self.report_nodes()
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{direct_ingress_port('mlx-fleet')}"
 
     def add(self, name: str) -> None:
         if name in self.nodes:

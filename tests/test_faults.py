@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import run_app, wait_for
+from tests.conftest import app_url, run_app, wait_for
 
 APP = "mlx-fleet-faults"
 LEASE_TTL_S = 3
@@ -51,21 +51,19 @@ def faults_args(broken_path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def faults_url(demo_models, serve_port, base_url, tmp_path_factory) -> str:
+def faults_app(demo_models, serve_port, base_url, tmp_path_factory) -> None:
     broken = tmp_path_factory.mktemp("broken-model")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_models / "tiny-llama" / name, broken / name)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)  # not weights
-    run_app(faults_args(str(broken)), serve_port, name=APP, route_prefix="/faults")
-    url = f"http://127.0.0.1:{serve_port}/faults"
+    url = run_app(faults_args(str(broken)), name=APP, route_prefix="/faults")
     wait_for(lambda: httpx.get(f"{url}/admin/models").status_code == 200, "faults app answers")
-    return url
 
 
 @pytest.fixture
-def faults(faults_url):
+def faults(faults_app):
     """The faults app with nothing loaded and no lease left by an earlier case."""
-    with httpx.Client(base_url=faults_url, timeout=120) as client:
+    with httpx.Client(base_url=app_url(APP, "/faults"), timeout=120) as client:
         wait_for(lambda: client.get("/health").status_code == 200, "ingress answers", timeout=60)
         for model in admin(client)["models"]:
             if model["status"] != "unloaded":
@@ -221,9 +219,9 @@ def test_json_nested_too_deep_or_with_nan_is_400(http):
     assert response.status_code == 400 and "NaN" in response.json()["error"]["message"]
 
 
-def test_a_body_that_trickles_gets_408(faults, serve_port):
+def test_a_body_that_trickles_gets_408(faults):
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", serve_port), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", faults.base_url.port), timeout=30) as sock:
         sock.sendall(
             b"POST /faults/v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": "
@@ -341,6 +339,7 @@ def test_killed_ingress_frees_its_leases_and_requests_resume(faults):
     stream.wait(timeout=30)
     assert not stream.done
     wait_for_new_replica("fleet-ingress", dead)
+    faults.base_url = app_url(APP, "/faults")
     wait_for(lambda: faults.get("/health").status_code == 200, "a new ingress answers", timeout=60)
     # The dead ingress renews nothing: its lease expires.
     wait_for(lambda: model(faults, "slow")["in_flight"] == 0, "the dead ingress's lease expired", timeout=LEASE_TTL_S + 10)

@@ -94,8 +94,8 @@ def kv(demo_models, serve_port, base_url, http):
             {"id": "other", "path": "models/tiny-llama", "memory": OTHER_BYTES, "max_context": 1024},
         ],
     }
-    run_app(args, serve_port, name=APP, route_prefix="/kv")
-    with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}/kv", timeout=120, headers=ADMIN) as client:
+    url = run_app(args, name=APP, route_prefix="/kv")
+    with httpx.Client(base_url=url, timeout=120, headers=ADMIN) as client:
         yield client
 
 

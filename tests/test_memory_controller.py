@@ -38,8 +38,7 @@ UNPINNED = [m["id"] for m in ARGS["models"] if not m.get("pinned")]
 @pytest.fixture(scope="module")
 def mem_url(demo_models, serve_port, base_url) -> str:
     # After the default app (base_url), so both share the cluster; this one under /mem.
-    run_app(ARGS, serve_port, name=APP, route_prefix="/mem")
-    url = f"http://127.0.0.1:{serve_port}/mem"
+    url = run_app(ARGS, name=APP, route_prefix="/mem")
     wait_for(lambda: model_view(url, "pinned")["status"] == "loaded", "pinned model loaded at start")
     return url
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import pytest
 
 from policies.families import adapter_for, render_chat
@@ -140,6 +141,23 @@ def test_max_completion_tokens_is_honoured(client):
 
 def test_health(http):
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_the_ingress_serves_http_itself_and_serves_proxy_answers_the_same(http, serve_port):
+    # Direct ingress (ops/fleet.env): the suite's requests reach the ingress replica on its own
+    # port; Serve's proxy port, one hop longer, answers the same API and streams the same way.
+    assert http.base_url.port != serve_port
+    with httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", timeout=60) as proxied:
+        assert proxied.get("/v1/models").json() == http.get("/v1/models").json()
+        body = {"model": "tiny-llama", "messages": USER, "max_tokens": 4, "temperature": 0, "stream": True}
+        direct, through_proxy = (streamed_text(server, body) for server in (http, proxied))
+        assert direct and direct == through_proxy
+
+
+def streamed_text(server: httpx.Client, body: dict) -> str:
+    with server.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
 
 
 def test_concurrent_requests_are_batched_and_match_sequential_answers(client):

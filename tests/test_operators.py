@@ -48,7 +48,7 @@ GAUGE_GONE_AFTER_SECONDS = 30 + 5
 
 @pytest.fixture(scope="module")
 def ops_url(demo_models, serve_port) -> str:
-    return run_app(ARGS, serve_port, name=APP, route_prefix="/ops")
+    return run_app(ARGS, name=APP, route_prefix="/ops")
 
 
 @pytest.fixture(scope="module")

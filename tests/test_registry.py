@@ -57,7 +57,7 @@ def build_echo(args: dict):
 
 def test_registering_a_new_type(serve_port, base_url):
     args = {"models": [{"id": "parrot", "path": "models/tiny-llama", "type": "echo", "family": "echo"}]}
-    url = run_app(args, serve_port, "mlx-fleet-echo", "/echo", import_path="tests.test_registry:build_echo")
+    url = run_app(args, "mlx-fleet-echo", "/echo", import_path="tests.test_registry:build_echo")
     try:
         card = httpx.get(f"{url}/v1/models/parrot").json()
         assert (card["type"], card["family"]) == ("echo", "echo")

@@ -81,7 +81,7 @@ def lan_url(demo_models, serve_port, base_url) -> str:
         "image_fetch_timeout": "1s",
         "models": [{"id": VL, "path": "models/tiny-qwen2-vl"}],
     }
-    return run_app(args, serve_port, name="mlx-fleet-lan", route_prefix="/lan")
+    return run_app(args, name="mlx-fleet-lan", route_prefix="/lan")
 
 
 def test_one_base64_image_plain_and_streamed(client):

@@ -34,8 +34,7 @@ def warm_url(demo_models, serve_port, base_url, store):
         "prompt_cache_disk": DISK_BOUND,
         "models": [{"id": "chat", "path": "models/tiny-llama"}, {"id": "other", "path": "models/tiny-llama"}],
     }
-    run_app(args, serve_port, name=APP, route_prefix="/warm")
-    yield f"http://127.0.0.1:{serve_port}/warm"
+    yield run_app(args, name=APP, route_prefix="/warm")
     delete_app(APP)
 
 
