@@ -29,7 +29,15 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 from deployments.logs import refusals_in_one_line
 from deployments.model_server import ReplicaState
-from policies.errors import ApiError, model_not_found
+from policies.errors import (
+    ApiError,
+    insufficient_memory,
+    model_busy,
+    model_load_failed,
+    model_not_found,
+    model_unload_failed,
+    node_unavailable,
+)
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from deployments.waiting import unless
@@ -95,13 +103,6 @@ def _metrics() -> dict[str, Any]:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("controller background task failed", exc_info=task.exception())
-
-
-def load_failed(model_id: str, reason: str) -> ApiError:
-    return ApiError(
-        503, f"Model {model_id} failed to load: {reason}", "model_load_failed", param="model",
-        code="model_load_failed",
-    )
 
 
 @serve.deployment(
@@ -303,10 +304,7 @@ class Controller:
                 try:
                     await asyncio.shield(self._evict(model_id, "admin"))
                 except Exception as error:
-                    raise ApiError(
-                        503, f"Model {model_id} could not be unloaded: {error}", "model_unload_failed",
-                        param="model", code="model_unload_failed",
-                    ) from None
+                    raise model_unload_failed(model_id, str(error)) from None
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -315,14 +313,7 @@ class Controller:
                     else "is still being unloaded" if model_id in self._unloading
                     else f"still serves {len(record.leases)} request(s)"
                 )
-                raise ApiError(
-                    503,
-                    f"Model {model_id} {doing} after "
-                    f"{self.config.load_wait_seconds:.0f} s; it is unpinned now, try the unload again later",
-                    "model_busy",
-                    param="model",
-                    code="model_busy",
-                )
+                raise model_busy(model_id, doing, self.config.load_wait_seconds)
             await self._wait_for_change(remaining)
 
     # -- loading and eviction -------------------------------------------------------------------
@@ -364,7 +355,7 @@ class Controller:
                 if failed:
                     self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
                     await self._notify()
-                    raise load_failed(model_id, f"could not unload {failed} to make room")
+                    raise model_load_failed(model_id, f"could not unload {failed} to make room")
             # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
             node = record.node
             if node is None:  # its node left while room was made there: place it again
@@ -388,7 +379,7 @@ class Controller:
                 logger.error("loading model %s failed: %s", model_id, reason)
                 self.ledger.fail_load(model_id, reason)
                 await asyncio.wait([self._evict(model_id, "load_failed")])
-                raise load_failed(model_id, reason) from None
+                raise model_load_failed(model_id, reason) from None
             break
         seconds = time.perf_counter() - started
         self.ledger.finish_load(model_id, report.measured(), time.time())
@@ -423,12 +414,9 @@ class Controller:
             decision = self.ledger.admit(record.id, self._free())
             if isinstance(decision, NoNode):
                 self.metrics["refusals"].inc(tags={"model": record.id})
-                raise ApiError(
-                    503, decision.message, "node_unavailable", param="model", code="node_unavailable",
-                    headers={"retry-after": "5"},
-                )
+                raise node_unavailable(decision.message)
             if isinstance(decision, Unsized):
-                raise load_failed(
+                raise model_load_failed(
                     record.id,
                     f"its size is unknown: {record.entry.path} is not on this machine yet. Download "
                     f"it first (`hf download {record.entry.path}`) or give the model a `memory:` size",
@@ -466,14 +454,7 @@ class Controller:
         """503 insufficient_memory: `retry` when waiting longer could help (busy models)."""
         self.metrics["refusals"].inc(tags={"model": model_id})
         logger.warning("refused model %s: %s (budget %s)", model_id, message, format_gb(self.ledger.limit))
-        raise ApiError(
-            503,
-            message,
-            "insufficient_memory",
-            param="model",
-            code="insufficient_memory",
-            headers={"retry-after": "5"} if retry else {"x-should-retry": "false"},
-        )
+        raise insufficient_memory(message, retry)
 
     async def _evict_all(self, model_ids: tuple[str, ...] | list[str], reason: str) -> str:
         """Evict models concurrently; the ones that could not be unloaded, in words."""

@@ -29,7 +29,18 @@ from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
 from dialects.errors import anthropic_error_body
-from policies.errors import ApiError, error_body, find_api_error, model_not_found, validation_error_to_api_error
+from policies.errors import (
+    ApiError,
+    find_api_error,
+    invalid_admin_key,
+    model_not_found,
+    not_ready,
+    replica_lost,
+    request_timeout,
+    request_too_large,
+    response_not_found,
+    validation_error_to_api_error,
+)
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
@@ -211,18 +222,6 @@ def json_depth(value: Any, stop_after: int) -> int:
     return deepest
 
 
-def replica_lost(model_id: str) -> ApiError:
-    return ApiError(
-        503,
-        f"Model {model_id}'s replica stopped while serving this request (its process or its "
-        "node went down); the next request loads it again: retry in a few seconds",
-        "model_unavailable",
-        param="model",
-        code="model_unavailable",
-        headers={"retry-after": "2"},
-    )
-
-
 @serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Ingress:
@@ -269,10 +268,8 @@ class Ingress:
             return JSONResponse({"status": "ready"})
         pending = readiness["pinned_not_loaded"]
         waiting = f"pinned models not loaded yet: {', '.join(pending)}" if pending else "starting up"
-        return JSONResponse(
-            error_body(f"Not ready: {waiting}", "service_unavailable", code="not_ready"),
-            status_code=503,
-        )
+        refusal = not_ready(waiting)
+        return JSONResponse(refusal.body(), status_code=refusal.status)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -342,13 +339,13 @@ class Ingress:
     async def get_response(self, response_id: str) -> dict[str, Any]:
         record = await self.stored_responses.get(response_id)
         if record is None:
-            raise self._unknown_response(response_id, "response_id")
+            raise response_not_found(response_id, "response_id")
         return record["response"]
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(self, response_id: str) -> dict[str, Any]:
         if not await self.stored_responses.delete(response_id):
-            raise self._unknown_response(response_id, "response_id")
+            raise response_not_found(response_id, "response_id")
         return {"id": response_id, "object": "response", "deleted": True}
 
     # -- Anthropic ----------------------------------------------------------------------------
@@ -403,12 +400,7 @@ class Ingress:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # Bytes: compare_digest refuses non-ASCII text, and a header may carry any byte.
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(
-                401,
-                "Admin endpoints need the header 'Authorization: Bearer <admin_api_key>'",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+            raise invalid_admin_key()
 
     async def _admin_model(self, model_id: str) -> dict[str, Any]:
         view = await self.controller.admin_view.remote()
@@ -482,7 +474,7 @@ class Ingress:
             return []
         record = await self.stored_responses.get(response_id)
         if record is None:
-            raise self._unknown_response(response_id, "previous_response_id")
+            raise response_not_found(response_id, "previous_response_id")
         return record["chat"]
 
     def _response_storer(self, reply: "responses.Reply", store: bool, conversation: list[dict[str, Any]]):
@@ -497,16 +489,6 @@ class Ingress:
             await self.stored_responses.put(reply.id, {"response": reply.finished, "chat": chat})
 
         return keep
-
-    @staticmethod
-    def _unknown_response(response_id: str, param: str) -> ApiError:
-        return ApiError(
-            404,
-            f"No stored response {response_id!r}: it never existed, was not stored, was deleted or "
-            "expired (responses_ttl)",
-            param=param,
-            code="response_not_found",
-        )
 
     def _entry(self, model_id: str, endpoint: str | None = None, path: str | None = None) -> ModelEntry:
         """The model, if it serves `endpoint` (a capability); the refusal names `path`, the
@@ -544,12 +526,7 @@ class Ingress:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_request_bytes
-        too_large = ApiError(
-            413,
-            f"The request body is larger than the server's limit of {limit} bytes "
-            "(max_request_size in the config)",
-            code="request_too_large",
-        )
+        too_large = request_too_large(limit)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -563,11 +540,7 @@ class Ingress:
                         raise too_large
                     chunks.append(chunk)
         except TimeoutError:
-            raise ApiError(
-                408,
-                f"The request body did not arrive within {seconds:.0f} s (request_body_timeout)",
-                code="request_timeout",
-            ) from None
+            raise request_timeout(seconds) from None
         return b"".join(chunks)
 
     async def _respond(

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.waiting import Abandoned, unless
-from policies.errors import ApiError, controller_unavailable
+from policies.errors import controller_unavailable, model_not_ready_in_time
 from policies.ledger import Lease
 
 logger = logging.getLogger("ray.serve")
@@ -125,15 +125,7 @@ class LeaseKeeper:
             try:
                 await asyncio.wait_for(asyncio.shield(grant), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise ApiError(
-                    503,
-                    f"Model {model_id} was not ready within {self.acquire_timeout:.0f} s (still "
-                    "loading, or the fleet controller did not answer); retry later",
-                    "model_unavailable",
-                    param="model",
-                    code="model_unavailable",
-                    headers={"retry-after": "5"},
-                ) from None
+                raise model_not_ready_in_time(model_id, self.acquire_timeout) from None
 
     def release(self, hold: Hold) -> None:
         """End one request's hold (once: later calls do nothing) without making it wait."""

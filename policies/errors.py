@@ -8,9 +8,30 @@ its numbers.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
+
+
+class ErrorCode(StrEnum):
+    """Every `code` the fleet answers with (README, "Errors", lists each). A 400 without a
+    code is a schema or value error, named by its `param`."""
+
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    INVALID_API_KEY = "invalid_api_key"
+    MODEL_NOT_FOUND = "model_not_found"
+    RESPONSE_NOT_FOUND = "response_not_found"
+    REQUEST_TIMEOUT = "request_timeout"
+    REQUEST_TOO_LARGE = "request_too_large"
+    INSUFFICIENT_MEMORY = "insufficient_memory"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    CONTROLLER_UNAVAILABLE = "controller_unavailable"
+    NODE_UNAVAILABLE = "node_unavailable"
+    MODEL_UNLOAD_FAILED = "model_unload_failed"
+    NOT_READY = "not_ready"
+    MODEL_BUSY = "model_busy"
 
 
 class ApiError(Exception):
@@ -62,13 +83,55 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# -- one constructor per code: the wording, status and headers of each refusal ---------------
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
         f"The model '{model}' does not exist. GET /v1/models lists the models this server has.",
         param="model",
-        code="model_not_found",
+        code=ErrorCode.MODEL_NOT_FOUND,
     )
+
+
+def response_not_found(response_id: str, param: str) -> ApiError:
+    return ApiError(
+        404,
+        f"No stored response {response_id!r}: it never existed, was not stored, was deleted or "
+        "expired (responses_ttl)",
+        param=param,
+        code=ErrorCode.RESPONSE_NOT_FOUND,
+    )
+
+
+def invalid_admin_key() -> ApiError:
+    return ApiError(
+        401,
+        "Admin endpoints need the header 'Authorization: Bearer <admin_api_key>'",
+        "authentication_error",
+        code=ErrorCode.INVALID_API_KEY,
+    )
+
+
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than the server's limit of {limit} bytes (max_request_size in the config)",
+        code=ErrorCode.REQUEST_TOO_LARGE,
+    )
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        f"The request body did not arrive within {seconds:.0f} s (request_body_timeout)",
+        code=ErrorCode.REQUEST_TIMEOUT,
+    )
+
+
+def not_ready(waiting: str) -> ApiError:
+    return ApiError(503, f"Not ready: {waiting}", "service_unavailable", code=ErrorCode.NOT_READY)
 
 
 def controller_unavailable(why: str) -> ApiError:
@@ -77,7 +140,74 @@ def controller_unavailable(why: str) -> ApiError:
         503,
         f"The fleet controller did not answer ({why}); retry in a few seconds",
         "controller_unavailable",
-        code="controller_unavailable",
+        code=ErrorCode.CONTROLLER_UNAVAILABLE,
+        headers={"retry-after": "2"},
+    )
+
+
+def insufficient_memory(message: str, retry: bool) -> ApiError:
+    """`retry`: waiting could help (busy models in the way); else it cannot fit at all."""
+    return ApiError(
+        503,
+        message,
+        "insufficient_memory",
+        param="model",
+        code=ErrorCode.INSUFFICIENT_MEMORY,
+        headers={"retry-after": "5"} if retry else {"x-should-retry": "false"},
+    )
+
+
+def node_unavailable(message: str) -> ApiError:
+    return ApiError(
+        503, message, "node_unavailable", param="model", code=ErrorCode.NODE_UNAVAILABLE,
+        headers={"retry-after": "5"},
+    )
+
+
+def model_load_failed(model_id: str, reason: str) -> ApiError:
+    return ApiError(
+        503, f"Model {model_id} failed to load: {reason}", "model_load_failed", param="model",
+        code=ErrorCode.MODEL_LOAD_FAILED,
+    )
+
+
+def model_unload_failed(model_id: str, reason: str) -> ApiError:
+    return ApiError(
+        503, f"Model {model_id} could not be unloaded: {reason}", "model_unload_failed",
+        param="model", code=ErrorCode.MODEL_UNLOAD_FAILED,
+    )
+
+
+def model_busy(model_id: str, doing: str, waited: float) -> ApiError:
+    return ApiError(
+        503,
+        f"Model {model_id} {doing} after {waited:.0f} s; it is unpinned now, try the unload again later",
+        "model_busy",
+        param="model",
+        code=ErrorCode.MODEL_BUSY,
+    )
+
+
+def model_not_ready_in_time(model_id: str, waited: float) -> ApiError:
+    return ApiError(
+        503,
+        f"Model {model_id} was not ready within {waited:.0f} s (still loading, or the fleet "
+        "controller did not answer); retry later",
+        "model_unavailable",
+        param="model",
+        code=ErrorCode.MODEL_UNAVAILABLE,
+        headers={"retry-after": "5"},
+    )
+
+
+def replica_lost(model_id: str) -> ApiError:
+    return ApiError(
+        503,
+        f"Model {model_id}'s replica stopped while serving this request (its process or its "
+        "node went down); the next request loads it again: retry in a few seconds",
+        "model_unavailable",
+        param="model",
+        code=ErrorCode.MODEL_UNAVAILABLE,
         headers={"retry-after": "2"},
     )
 
@@ -121,7 +251,7 @@ class ContextOverflow(ApiError):
                        f"{total} tokens ({prompt_tokens} in the messages, {requested} in the completion). "
                        "Please reduce the length of the messages or completion.")
         super().__init__(400, message, param="messages" if requested is None else param,
-                         code="context_length_exceeded")
+                         code=ErrorCode.CONTEXT_LENGTH_EXCEEDED)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Crosses Ray pickled: rebuilt from its numbers, not from ApiError's arguments.
