@@ -20,7 +20,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NoReturn
 
 import psutil
 from ray import serve
@@ -31,7 +31,6 @@ from deployments.logs import refusals_in_one_line
 from deployments.model_server import ReplicaState
 from policies.errors import (
     ApiError,
-    insufficient_memory,
     model_busy,
     model_load_failed,
     model_not_found,
@@ -43,8 +42,9 @@ from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
-from policies.eviction import Insufficient
-from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized, Wait
+from policies.eviction import Evict, Insufficient
+from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized
+from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
 from policies.memory import estimate_model_bytes, format_gb
 from policies.nodes import PresentNode
 
@@ -213,37 +213,20 @@ class Controller:
         is idle, or, `final`, when waiting ran out."""
         record = self._record(model_id)
         await self._ready.wait()
-        deadline = time.monotonic() + patience
-        while True:
-            before = record.held
-            decision = self.ledger.hold(model_id, held, self._free(), evict, alone)
-            if isinstance(decision, Insufficient):
-                self._refuse(model_id, f"{decision.message} (for the KV cache of a request)", retry=True)
-            if isinstance(decision, Wait):
-                if final:
-                    self._refuse(
-                        model_id,
-                        f"{decision.message} (for the KV cache of a request): the models in the way "
-                        f"were still busy after {self.config.load_wait_seconds:.0f} s",
-                        retry=True,
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                await self._wait_for_change(remaining)
-                continue
-            if decision.victims:
-                logger.info(
-                    "evicting %s (least recently used, idle) for the KV cache of model %s (%s)",
-                    ", ".join(decision.victims), model_id, format_gb(held - before),
-                )
-                failed = await self._evict_all(decision.victims, "lru")
-                if failed:
-                    self._refuse(model_id, f"could not unload {failed} to make room", retry=True)
-                continue  # their room is free now: claim it
-            if held != before:
-                await self._notify()
-            return held
+        before = record.held
+        granted = await self._make_room(
+            ClaimKind.KV,
+            model_id,
+            lambda: self.ledger.hold(model_id, held, self._free(), evict, alone),
+            # `final`: the replica has waited as long as a request may; refuse rather than wait.
+            deadline=time.monotonic() + (0 if final else patience),
+            refuse_when_late=final,
+        )
+        if not granted:
+            return None
+        if held != before:
+            await self._notify()
+        return held
 
     async def check_replica(self, model_id: str) -> None:
         """An ingress saw this model's replica fail: check it now rather than at the next round
@@ -350,12 +333,15 @@ class Controller:
             if record.status == Status.LOADED:
                 return
             if record.status == Status.UNLOADED:
-                victims = await self._admit(record)
-                failed = await self._evict_all(victims, "lru")
-                if failed:
-                    self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
-                    await self._notify()
-                    raise model_load_failed(model_id, f"could not unload {failed} to make room")
+                # Queue, don't refuse: while only busy or loading models stand in the way, wait
+                # for them (up to load_wait_timeout).
+                await self._make_room(
+                    ClaimKind.LOAD,
+                    model_id,
+                    lambda: self.ledger.admit(model_id, self._free()),
+                    deadline=time.monotonic() + self.config.load_wait_seconds,
+                    refuse_when_late=True,
+                )
             # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
             node = record.node
             if node is None:  # its node left while room was made there: place it again
@@ -403,58 +389,59 @@ class Controller:
         )
         await self._notify()
 
-    async def _admit(self, record: ModelRecord) -> tuple[str, ...]:
-        """Claim room for the model; returns the models to evict for it.
-
-        When only busy or loading models stand in the way, wait for them (up to
-        load_wait_timeout) rather than refuse: queue, don't refuse.
-        """
-        deadline = time.monotonic() + self.config.load_wait_seconds
+    async def _make_room(
+        self,
+        kind: ClaimKind,
+        model_id: str,
+        ask: Callable[[], Evict | Wait | Insufficient | Unsized | NoNode],
+        deadline: float,
+        refuse_when_late: bool,
+    ) -> bool:
+        """Run a claim's decisions (`policies.room`) until it holds: evict the idle models
+        they name, wait while busy ones stand in the way, refuse what cannot fit. Past
+        `deadline` a waiting claim is refused, or, unless `refuse_when_late`, False is
+        returned (its claimant asks again with what it needs by then)."""
         while True:
-            decision = self.ledger.admit(record.id, self._free())
+            decision = ask()
             if isinstance(decision, NoNode):
-                self.metrics["refusals"].inc(tags={"model": record.id})
-                raise node_unavailable(decision.message)
+                self._refuse(model_id, node_unavailable(decision.message))
             if isinstance(decision, Unsized):
-                raise model_load_failed(
-                    record.id,
-                    f"its size is unknown: {record.entry.path} is not on this machine yet. Download "
-                    f"it first (`hf download {record.entry.path}`) or give the model a `memory:` size",
-                )
+                raise unsized(model_id, self.ledger[model_id].entry.path)
             if isinstance(decision, Insufficient):
-                self._refuse(record.id, decision.message, retry=False)
-            remaining = deadline - time.monotonic()
+                self._refuse(model_id, cannot_fit(kind, decision))
             if isinstance(decision, Wait):
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    waited = self.config.load_wait_seconds
-                    self._refuse(
-                        record.id,
-                        f"{decision.message}: the models in the way were still busy after {waited:.0f} s",
-                        retry=True,
+                    if refuse_when_late:
+                        self._refuse(model_id, still_busy(kind, decision, self.config.load_wait_seconds))
+                    return False
+                if kind == ClaimKind.LOAD:  # a KV claim waits in short turns: one line per load only
+                    logger.info(
+                        "model %s waits for busy models to finish (%s); up to %.0f s more",
+                        model_id, decision.message, remaining,
                     )
-                logger.info(
-                    "model %s waits for busy models to finish (%s); up to %.0f s more",
-                    record.id,
-                    decision.message,
-                    remaining,
-                )
                 await self._wait_for_change(remaining)
                 continue
-            self._update_gauges()
-            if decision.victims:
-                logger.info(
-                    "evicting %s (least recently used, idle) to fit model %s (%s)",
-                    ", ".join(decision.victims),
-                    record.id,
-                    format_gb(record.cost),
-                )
-            return decision.victims
+            if not decision.victims:
+                self._update_gauges()
+                return True
+            logger.info(
+                "evicting %s (least recently used, idle) %s", ", ".join(decision.victims), purpose(kind, model_id)
+            )
+            failed = await self._evict_all(decision.victims, "lru")
+            if failed:
+                if kind == ClaimKind.LOAD:  # admitted with its victims: it is not loading after all
+                    self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
+                    await self._notify()
+                raise eviction_failed(kind, model_id, failed)
+            if kind == ClaimKind.LOAD:  # a load's room was claimed with its victims; KV asks again
+                self._update_gauges()
+                return True
 
-    def _refuse(self, model_id: str, message: str, retry: bool) -> None:
-        """503 insufficient_memory: `retry` when waiting longer could help (busy models)."""
+    def _refuse(self, model_id: str, error: ApiError) -> NoReturn:
         self.metrics["refusals"].inc(tags={"model": model_id})
-        logger.warning("refused model %s: %s (budget %s)", model_id, message, format_gb(self.ledger.limit))
-        raise insufficient_memory(message, retry)
+        logger.warning("refused model %s: %s (budget %s)", model_id, error.message, format_gb(self.ledger.limit))
+        raise error
 
     async def _evict_all(self, model_ids: tuple[str, ...] | list[str], reason: str) -> str:
         """Evict models concurrently; the ones that could not be unloaded, in words."""

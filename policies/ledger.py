@@ -27,8 +27,9 @@ from enum import Enum
 from typing import Any, Mapping, Sequence
 
 from policies.config import LOCAL_NODE, ModelEntry
-from policies.eviction import Evict, Insufficient, Resident, headroom, plan
+from policies.eviction import Evict, Insufficient, Resident, headroom
 from policies.kv import Usage
+from policies.room import Space, Wait, decide
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,13 +93,6 @@ class _LeaseRecord:
     lease: Lease
     granted_at: float
     expires_at: float
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Only busy or loading models stand in the way: wait for them to finish."""
-
-    message: str  # why the model does not fit now
 
 
 @dataclass(frozen=True)
@@ -242,19 +236,28 @@ class Ledger:
         if not nodes:
             where = f"its node {record.entry.node} is not" if record.entry.node else "none of the fleet's nodes is"
             return NoNode(f"model {model_id} cannot load: {where} in the cluster now")
-        placements, refusals_now = [], {}
+        placements, waits, refusals = [], [], []
         for node in nodes:
             residents = self._residents(node.name)
             available = self._os_available(os_available, node.name)
-            decision = plan(residents, record.cost, node.limit, available)
-            if isinstance(decision, Insufficient):
-                refusals_now[node.name] = decision
-            else:
+            # Busy and loading models finish in time; only pinned ones stay for good.
+            decision = decide(
+                Space(residents, node.limit, available),
+                record.cost,
+                Space(self._residents(node.name, eventually_idle=True), node.limit, available),
+                record.cost,
+                node=node.name if self.several_nodes else None,
+            )
+            if isinstance(decision, Evict):
                 left = headroom(
                     [r for r in residents if r.id not in decision.victims], node.limit, available
                 ) - record.cost
                 preference = (len(decision.victims), node.name != record.last_node, -left, node.name)
                 placements.append((preference, node.name, decision))
+            elif isinstance(decision, Wait):
+                waits.append(decision)
+            else:
+                refusals.append(decision)
         if placements:
             _, node_name, decision = min(placements)
             for victim in decision.victims:
@@ -264,25 +267,9 @@ class Ledger:
             on_node = f" on node {node_name}" if self.several_nodes else ""
             self._move(record, Status.LOADING, f"admitted{on_node}{evicted}")
             return decision
-        # Busy and loading models finish in time; only pinned ones stay for good. What cannot
-        # fit on any node is refused with the room the best one leaves once every unpinned
-        # model there is gone.
-        refusals = []
-        for node in nodes:
-            eventually = plan(
-                self._residents(node.name, eventually_idle=True),
-                record.cost,
-                node.limit,
-                self._os_available(os_available, node.name),
-            )
-            if not isinstance(eventually, Insufficient):
-                return Wait(self._on(refusals_now[node.name], node.name).message)
-            refusals.append(self._on(eventually, node.name))
-        return max(refusals, key=lambda refusal: refusal.available)
-
-    def _on(self, refusal: Insufficient, node: str) -> Insufficient:
-        """The refusal naming its node when there are several."""
-        return Insufficient(refusal.need, refusal.available, node if self.several_nodes else None)
+        # What cannot fit on any node is refused with the room the best one leaves once every
+        # unpinned model there is gone.
+        return waits[0] if waits else max(refusals, key=lambda refusal: refusal.available)
 
     def finish_load(self, model_id: str, measured: Measured, now: float) -> None:
         record = self.models[model_id]
@@ -394,27 +381,27 @@ class Ledger:
         node = self.nodes[record.node]
         others = self._holding(node.name)
         available = self._os_available(os_available, node.name)
-        decision = plan([self._resident(r) for r in others], growth, node.limit, available)
-        if isinstance(decision, Insufficient):
-            # Once everything else is idle and this model's own sequences are done, only its
-            # process and prompt cache stay (and it is no candidate for eviction itself).
-            settled = record.cost - record.held + record.usage.prompt_cache_bytes
-            eventually = plan(
-                [
-                    self._resident(r, eventually_idle=True)
-                    if r is not record
-                    else Resident(r.id, settled, 0.0, pinned=True)
-                    for r in others
-                ],
-                (held if alone is None else alone) - record.usage.prompt_cache_bytes,
-                node.limit,
-                None if available is None else available + record.held - record.usage.prompt_cache_bytes,
-            )
-            if isinstance(eventually, Insufficient):
-                return self._on(Insufficient(need=growth, available=eventually.available), node.name)
-            return Wait(self._on(decision, node.name).message)
-        if decision.victims and not evict:
-            return Wait(f"would evict {', '.join(decision.victims)}")
+        # Once everything else is idle and this model's own sequences are done, only its
+        # process and prompt cache stay (and it is no candidate for eviction itself).
+        settled = record.cost - record.held + record.usage.prompt_cache_bytes
+        eventually = Space(
+            [
+                self._resident(r, eventually_idle=True) if r is not record else Resident(r.id, settled, 0.0, pinned=True)
+                for r in others
+            ],
+            node.limit,
+            None if available is None else available + record.held - record.usage.prompt_cache_bytes,
+        )
+        decision = decide(
+            Space([self._resident(r) for r in others], node.limit, available),
+            growth,
+            eventually,
+            (held if alone is None else alone) - record.usage.prompt_cache_bytes,
+            may_evict=evict,
+            node=node.name if self.several_nodes else None,
+        )
+        if not isinstance(decision, Evict):
+            return decision
         for victim in decision.victims:
             self._move(self.models[victim], Status.UNLOADING, f"evicted to fit KV of {model_id}")
         if not decision.victims:
