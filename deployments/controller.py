@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, NoReturn
 
 import psutil
@@ -41,6 +42,7 @@ from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_byte
 from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
+from policies.adoption import Found, found
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.eviction import Evict, Insufficient
 from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized
@@ -105,6 +107,29 @@ def _log_failure(task: asyncio.Task) -> None:
         logger.error("controller background task failed", exc_info=task.exception())
 
 
+@dataclass
+class Effects:
+    """What the controller acts on and reads besides its ledger: Serve's replica counts, the
+    memory the OS has free, the one machine's budget, metrics, warm workers. Built from Serve,
+    Ray and the OS in a replica (`Effects.of_replica`); tests pass fakes."""
+
+    scaler: Any  # ReplicaScaler's methods
+    free_memory: Callable[[], int]  # one node: what the OS has free now
+    memory_limit: Callable[[Any], int]  # one node: the config's limit in bytes
+    metrics: dict[str, Any]
+    warm: WarmWorkers | None
+
+    @classmethod
+    def of_replica(cls, config: AppConfig) -> "Effects":
+        return cls(
+            scaler=ReplicaScaler(serve.get_replica_context().app_name),
+            free_memory=lambda: psutil.virtual_memory().available,
+            memory_limit=memory_limit_bytes,
+            metrics=_metrics(),
+            warm=WarmWorkers() if config.warm_workers else None,
+        )
+
+
 @serve.deployment(
     name=CONTROLLER_NAME,
     num_replicas=1,
@@ -118,13 +143,15 @@ class Controller:
         config: AppConfig,
         catalog: list[ModelEntry],
         models: dict[str, dict[str, DeploymentHandle]],
+        effects: Effects | None = None,
     ):
         refusals_in_one_line(logger)
+        effects = effects or Effects.of_replica(config)
         self.config = config
         self.models = models  # {model id: {node: its deployment there}}
         several = bool(config.nodes)
         self.ledger = Ledger(
-            0 if several else memory_limit_bytes(config.memory_limit),
+            0 if several else effects.memory_limit(config.memory_limit),
             catalog,
             {
                 entry.id: estimate_model_bytes(
@@ -143,9 +170,10 @@ class Controller:
             else None
         )
         self._gone: dict[str, asyncio.Future] = {}
-        self.scaler = ReplicaScaler(serve.get_replica_context().app_name)
-        self.warm = WarmWorkers() if config.warm_workers else None
-        self.metrics = _metrics()
+        self.scaler = effects.scaler
+        self.warm = effects.warm
+        self.metrics = effects.metrics
+        self._os_free = effects.free_memory
         # Signalled whenever memory, leases or statuses change: waiters re-check.
         self._changed = asyncio.Condition()
         self._loading: dict[str, asyncio.Task] = {}
@@ -589,14 +617,14 @@ class Controller:
             starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
             if record.status != Status.UNLOADED or not self.ledger.nodes[node].alive:
                 continue  # found on another node already, or its node is not here
-            if state is not None and state.weights != "none":
-                status = Status.LOADED if state.weights == "loaded" else Status.LOADING
+            kind = found(running, starting, state.weights if state is not None else None)
+            if kind in (Found.LOADED, Found.LOADING):
+                status = Status.LOADED if kind == Found.LOADED else Status.LOADING
                 measured = state.report.measured() if state.report else None
                 self.ledger.adopt(record.id, status, measured, state.leases, now, node)
                 if state.usage is not None:
                     self.ledger.report_usage(record.id, state.usage)
-            elif running or starting:
-                # A previous controller was starting this model for a request: finish the load.
+            elif kind == Found.STARTING:  # the load a previous controller began finishes here
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
         await self.scaler.scale_all(
             {
@@ -674,7 +702,7 @@ class Controller:
 
     def _free(self) -> Free:
         """What each node's OS reports free: measured here on one machine, by the probes on several."""
-        return self.monitor.free if self.monitor else psutil.virtual_memory().available
+        return self.monitor.free if self.monitor else self._os_free()
 
     def _node_gone(self, node: str) -> asyncio.Future:
         """Resolved when `node` leaves the cluster: a call waiting for a replica there would
