@@ -8,7 +8,6 @@ alone: a seed sets MLX's global random state, which batch neighbours would share
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from concurrent.futures import Executor
@@ -17,8 +16,9 @@ from typing import Any, Callable, TypeVar
 
 from policies.generation import Sampling
 from policies.events import TokenLogprob, TopLogprob
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 T = TypeVar("T")
 

@@ -9,15 +9,15 @@ unconstrained decoding.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 
 from policies.constraints import Constraint
 from policies.tool_calls import ToolFormat
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 
 class GrammarTokenizer:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, NoReturn
@@ -49,8 +48,9 @@ from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Un
 from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
 from policies.memory import estimate_model_bytes, format_gb
 from policies.nodes import PresentNode
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 # How often loaded models' replicas are asked whether they still hold their weights (Serve
 # restarts a dead replica without them), and how long one answer may take.
@@ -145,7 +145,7 @@ class Controller:
         models: dict[str, dict[str, DeploymentHandle]],
         effects: Effects | None = None,
     ):
-        refusals_in_one_line(logger)
+        refusals_in_one_line()
         effects = effects or Effects.of_replica(config)
         self.config = config
         self.models = models  # {model id: {node: its deployment there}}

@@ -15,7 +15,6 @@ files with other types (K-quants, ...) are dequantized with the `gguf` package.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from policies.detection import read_gguf_metadata
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3")
 MLX_QUANT_GROUP = 32  # what MLX's GGUF reader makes of Q4_0, Q4_1 and Q8_0 blocks

@@ -48,8 +48,9 @@ from policies.events import Event, Finish
 from policies.generation import GenerationRequest
 from policies.memory import parse_size
 from policies.tool_calls import FORMATS
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 app = FastAPI(title="mlx-fleet", description="Many MLX models behind OpenAI's and Anthropic's APIs.")
 
@@ -233,7 +234,7 @@ class Ingress:
         controller: DeploymentHandle,
         models: dict[str, dict[str, DeploymentHandle]],
     ):
-        refusals_in_one_line(logger)
+        refusals_in_one_line()
         self.config = config
         self.catalog = {entry.id: entry for entry in catalog}
         self.capabilities = capabilities

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
 from policies.errors import ApiError
 from policies.kv import Usage
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 # An idle replica keeps its grant this long for the next request before giving it back.
 GRANT_LINGER_SECONDS = 2.0

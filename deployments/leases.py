@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.waiting import Abandoned, unless
 from policies.errors import controller_unavailable, model_not_ready_in_time
 from policies.ledger import Lease
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from policies.errors import find_api_error
+from policies.logs import SERVE_LOGGER
 
 
 class RefusalsInOneLine(logging.Filter):
@@ -26,7 +27,8 @@ class RefusalsInOneLine(logging.Filter):
         return True
 
 
-def refusals_in_one_line(logger: logging.Logger) -> None:
-    """Installs the filter on `logger` (Serve's, in this process) once."""
+def refusals_in_one_line() -> None:
+    """Installs the filter on Serve's logger, which logs the failed calls, once per process."""
+    logger = logging.getLogger(SERVE_LOGGER)
     if not any(isinstance(f, RefusalsInOneLine) for f in logger.filters):
         logger.addFilter(RefusalsInOneLine())

@@ -12,7 +12,6 @@ import base64
 import contextvars
 import functools
 import ipaddress
-import logging
 import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,9 @@ import httpx
 from PIL import ExifTags, Image, ImageOps
 
 from policies.errors import ApiError
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -19,13 +19,14 @@ many streams holds many files. The import here keeps that call from lowering eit
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import platform
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("ray.serve")
+from policies.logs import module_logger
+
+logger = module_logger(__name__)
 
 BLAS_ENV = "MLX_FLEET_BLAS"
 # Debian/Ubuntu's OpenBLAS (`libopenblas0-pthread`; `make setup` installs it), then others'.

@@ -9,7 +9,6 @@ answering health checks and queueing concurrent requests while a generation runs
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections import Counter
@@ -27,8 +26,9 @@ from deployments.logs import refusals_in_one_line
 from policies.config import AppConfig, ModelEntry
 from policies.kv import Usage
 from policies.ledger import Measured
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ModelServer:
         os.environ["HF_HUB_OFFLINE"] = "0" if config.allow_download else "1"
         from deployments import mlx_runtime  # before any MLX import: it chooses MLX's BLAS
 
-        refusals_in_one_line(logger)
+        refusals_in_one_line()
         self.blas = mlx_runtime.BLAS
         self.entry = entry
         self._mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mlx-{entry.deployment}")

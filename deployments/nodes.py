@@ -13,7 +13,6 @@ lost power answers nothing at once).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -24,8 +23,9 @@ import ray
 from policies.config import NodeSpec, metal_backend
 from policies.memory import parse_limit
 from policies.nodes import PresentNode, present_nodes
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 NODE_CHECK_SECONDS = 1.0
 NODE_SILENT_SECONDS = 4.0

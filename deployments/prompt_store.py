@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import time
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from policies.prompt_store import StoredFile, to_delete, to_restore
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 # Entry files are named after a digest of their tokens; an interrupted save leaves the
 # hidden name it writes to first. Nothing else in the folder is ever touched.

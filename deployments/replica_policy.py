@@ -12,13 +12,13 @@ only to deployments in it, so stale request metrics can never undo an eviction.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
+from policies.logs import module_logger
 from policies.replicas import replicas_to_set
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 POLICY_FUNCTION = "deployments.replica_policy:fleet_replicas"
 KV_NAMESPACE = "mlx-fleet"

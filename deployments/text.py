@@ -4,7 +4,6 @@ continuous batching of concurrent requests."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -32,8 +31,9 @@ from policies.output_parser import OutputParser
 from policies.stop_strings import StopMatcher
 from policies.constraints import Constraint, answer_constraint
 from policies.tool_calls import FORMATS, ToolFormat
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 # Saving the prompt cache must end within Serve's graceful shutdown (20 s by default), which
 # also covers the replica's drain: what is not saved by then is left out, oldest first.

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger("ray.serve")
+from policies.logs import module_logger
+
+logger = module_logger(__name__)
 
 # What Ray's worker_process_setup_hook becomes in a runtime env (ray_constants.py); an
 # actor's runtime env can carry it only as this variable.

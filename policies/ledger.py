@@ -19,7 +19,6 @@ Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment o
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ from policies.config import LOCAL_NODE, ModelEntry
 from policies.eviction import Evict, Insufficient, Resident, headroom
 from policies.kv import Usage
 from policies.room import Space, Wait, decide
+from policies.logs import module_logger
 
-logger = logging.getLogger("ray.serve")
+logger = module_logger(__name__)
 
 # Released lease ids remembered so that a renewal racing the release cannot revive them.
 RELEASED_MEMORY = 100_000
