@@ -3,7 +3,7 @@
     python -m bench.nodes [--repeats N]
 
 A Ray cluster of a head and two labelled nodes, a and b, on this machine
-(`tests/multinode_driver.py`). Each round loads a model on b, kills b's raylet and workers
+(`bench/multinode_driver.py`). Each round loads a model on b, kills b's raylet and workers
 (SIGKILL, as a Mac that drops off the network) and measures, from the kill:
 - `detect_s`: until `/admin/models` shows b gone (its probe silent; Ray's own health checks
   run at their defaults here, so it is the fleet that notices);
@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from bench.common import format_table, summarize, write_result
-from tests.multinode import Driver
+from bench.multinode import Driver
 
 ARGS = {
     # a fits one model: "moved" goes to b while "stays" is on a, and back to a (in its place)

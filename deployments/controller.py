@@ -498,7 +498,9 @@ class Controller:
         return task
 
     async def _scale_to_zero(self, model_id: str, reason: str) -> None:
-        """If Serve does not get there, the ledger takes what Serve really runs."""
+        """Stop the model's replica; a text model's replica saves its prompt cache on the way
+        out (`TextModel.__del__`, within Serve's graceful shutdown), so this waits for that
+        too. If Serve does not get there, the ledger takes what Serve really runs."""
         record = self.ledger[model_id]
         try:
             seconds = await self.scaler.scale_and_wait(self._deployment(record), 0)

@@ -9,7 +9,7 @@ from ray import serve
 from deployments.batching import Step
 from policies.errors import ApiError
 from policies.generation import GenerationRequest, token_budget
-from deployments.text import GenerativeServer, completion_events, make_sampler
+from deployments.generative import GenerativeServer, completion_events, make_sampler
 from policies.events import Event
 from policies.config import AppConfig, ModelEntry
 

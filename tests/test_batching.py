@@ -11,7 +11,7 @@ import pytest
 
 from deployments.batching import BatchEngine, Sequence, Step
 from policies.generation import Sampling
-from deployments.text import make_sampler
+from deployments.generative import make_sampler
 from policies.families import adapter_for
 
 PROMPTS = ["Once upon a time", "The capital of France", "def main():", "Hello there, friend"]

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from deployments.batching import BatchEngine, Sequence
-from deployments.text import make_sampler, measure_kv_shape
+from deployments.generative import make_sampler
+from deployments.text import measure_kv_shape
 from policies.families import adapter_for
 from policies.generation import Sampling
 from policies.kv import KV_STEP_TOKENS, KvShape

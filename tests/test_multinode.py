@@ -1,5 +1,5 @@
 """Several nodes, one fleet (issue 16): a Ray cluster of a head and two labelled nodes, a and
-b, on this one machine (`tests/multinode_driver.py`, its own subprocess and cluster,
+b, on this one machine (`bench/multinode_driver.py`, its own subprocess and cluster,
 independent of the session's), serving tiny demo models with exact `memory:` costs so that
 every placement is decided by the rules, not by measurements.
 
@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from tests.conftest import wait_for
-from tests.multinode import Driver, session_processes
+from bench.multinode import Driver, session_processes
 
 KEY = "sekret"
 ADMIN = {"Authorization": f"Bearer {KEY}"}

@@ -1,4 +1,4 @@
-"""Drive `tests/multinode_driver.py`: a multi-node Ray cluster on this machine, in a
+"""Drive `bench/multinode_driver.py`: a multi-node Ray cluster on this machine, in a
 subprocess (and a session) of its own, so that it can be torn down to the last process."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "multinode_driver.py"
+DRIVER = ROOT / "bench" / "multinode_driver.py"
 
 
 def session_processes(sid: int) -> list[int]:

@@ -1,12 +1,13 @@
 """A multi-node Ray cluster on this one machine, serving mlx-fleet; driven over stdin.
 
-    python tests/multinode_driver.py CONFIG.json
+    python bench/multinode_driver.py CONFIG.json
 
 CONFIG.json: {"args": <the application's args>, "nodes": ["a", "b"], "num_cpus": 2,
 "system_config": <Ray's, default SYSTEM_CONFIG>}. The
 head node carries no fleet label (the controller and the ingress run there); every name in
 "nodes" becomes a Ray node labelled `mlx-fleet/node=<name>`. Run from the repository root
-(relative model paths), in a process group of its own: `tests/test_multinode.py` starts it.
+(relative model paths), in a process group of its own: `bench/multinode.py` starts it for
+`tests/test_multinode.py` and `bench/nodes.py`.
 
 Protocol, one line each, on stdout (anything else there is noise to skip):
     NODES {"a": "<node id hex>", ...}   the labelled nodes, after start and after each change
