@@ -17,7 +17,6 @@ weights are adopted with the leases their replicas are serving, starting ones fi
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, NoReturn
@@ -25,10 +24,17 @@ from typing import Any, Awaitable, Callable, NoReturn
 import psutil
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Gauge, Histogram
 
+from deployments.fleet_metrics import fleet_metrics, publish_gauges
 from deployments.logs import refusals_in_one_line
 from deployments.model_server import ReplicaState
+from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
+from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
+from deployments.tasks import SingleFlight, every, spawn
+from deployments.waiting import unless
+from deployments.warm_workers import WarmWorkers, waiting_local_workers
+from policies.adoption import Found, found
+from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.errors import (
     ApiError,
     model_busy,
@@ -37,18 +43,12 @@ from policies.errors import (
     model_unload_failed,
     node_unavailable,
 )
-from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
-from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
-from deployments.waiting import unless
-from deployments.warm_workers import WarmWorkers, waiting_local_workers
-from policies.adoption import Found, found
-from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.eviction import Evict, Insufficient
 from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized
-from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
+from policies.logs import module_logger
 from policies.memory import estimate_model_bytes, format_gb
 from policies.nodes import PresentNode
-from policies.logs import module_logger
+from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
 
 logger = module_logger(__name__)
 
@@ -59,52 +59,6 @@ REPLICA_ANSWER_SECONDS = 10.0
 # Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
 # default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
 GAUGE_REPUBLISH_SECONDS = 5.0
-
-
-def _metrics() -> dict[str, Any]:
-    model = ("model",)
-    placed = ("model", "node")  # node: where the model is, or was last (a gauge keeps one series)
-    node = ("node",)
-    return {
-        "loaded": Gauge("fleet_models_loaded", "Models with weights in memory."),
-        "nodes": Gauge("fleet_nodes_alive", "The fleet's nodes in the cluster."),
-        "model_bytes": Gauge("fleet_model_bytes", "Bytes the ledger charges a loaded model.", placed),
-        "prompt_cache_bytes": Gauge(
-            "fleet_model_prompt_cache_bytes", "Bytes of a text model's cached prompts.", placed
-        ),
-        "kv_bytes": Gauge(
-            "fleet_model_kv_bytes", "KV bytes reserved for a text model's running sequences.", placed
-        ),
-        "sequences": Gauge("fleet_model_sequences", "Sequences a text model is generating.", placed),
-        "weights_bytes": Gauge("fleet_model_weights_bytes", "Bytes a loaded model's weights took.", placed),
-        "process_bytes": Gauge(
-            "fleet_model_process_bytes", "A loaded model's replica process, weights included.", placed
-        ),
-        "budget": Gauge("fleet_memory_budget_bytes", "A node's memory limit (0: not in the cluster).", node),
-        "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models on a node.", node),
-        "loads": Counter("fleet_model_loads_total", "Model loads.", model),
-        "evictions": Counter(
-            "fleet_model_evictions_total", "Models scaled to zero.", ("model", "reason")
-        ),
-        "load_seconds": Histogram(
-            "fleet_model_load_seconds",
-            "Seconds from the decision to load to a loaded model.",
-            boundaries=[0.5, 1, 2, 5, 10, 30, 60, 120, 300],
-            tag_keys=model,
-        ),
-        "refusals": Counter(
-            "fleet_insufficient_memory_total", "Requests answered 503 insufficient_memory.", model
-        ),
-        "expired_leases": Counter(
-            "fleet_expired_leases_total", "Leases whose holder stopped renewing them.", model
-        ),
-        "lost_nodes": Counter("fleet_node_losses_total", "Nodes that left the cluster.", node),
-    }
-
-
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("controller background task failed", exc_info=task.exception())
 
 
 @dataclass
@@ -125,7 +79,7 @@ class Effects:
             scaler=ReplicaScaler(serve.get_replica_context().app_name),
             free_memory=lambda: psutil.virtual_memory().available,
             memory_limit=memory_limit_bytes,
-            metrics=_metrics(),
+            metrics=fleet_metrics(),
             warm=WarmWorkers() if config.warm_workers else None,
         )
 
@@ -176,20 +130,18 @@ class Controller:
         self._os_free = effects.free_memory
         # Signalled whenever memory, leases or statuses change: waiters re-check.
         self._changed = asyncio.Condition()
-        self._loading: dict[str, asyncio.Task] = {}
-        self._unloading: dict[str, asyncio.Task] = {}
-        self._checking: dict[str, asyncio.Task] = {}
+        self._loading, self._unloading, self._checking = SingleFlight(), SingleFlight(), SingleFlight()
         self._ready = asyncio.Event()
         self._background = [
-            self._spawn(self._start()),
-            *([self._spawn(self._every(self.monitor.check, NODE_CHECK_SECONDS))] if self.monitor else []),
-            self._spawn(self._every(self._expire_leases, config.lease_ttl_seconds / 4)),
-            self._spawn(self._every(self._check_replicas, REPLICA_CHECK_SECONDS)),
-            self._spawn(self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS)),
+            spawn(self._start()),
+            *([self._every(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
+            self._every(self._expire_leases, config.lease_ttl_seconds / 4),
+            self._every(self._check_replicas, REPLICA_CHECK_SECONDS),
+            self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS),
         ]
         ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
         if ttls:
-            self._background.append(self._spawn(self._every(self._expire_idle, max(0.5, min(ttls) / 4))))
+            self._background.append(self._every(self._expire_idle, max(0.5, min(ttls) / 4)))
 
     def check_health(self) -> None:
         """Serve restarts this replica when a background task died; the restart adopts state."""
@@ -263,7 +215,7 @@ class Controller:
         if self.monitor and record.node and not await self.monitor.confirm(record.node):
             return  # the node is gone, and the model with it
         if record.status == Status.LOADED:
-            await asyncio.shield(self._single_flight(self._checking, model_id, self._check_replica))
+            await asyncio.shield(self._checking.join(model_id, self._check_replica))
 
     async def statuses(self) -> dict[str, dict[str, Any]]:
         return {r.id: {"status": r.status.value, "pinned": r.pinned} for r in self.ledger.models.values()}
@@ -340,17 +292,7 @@ class Controller:
         Loops because a model loaded for us can be evicted again before we resume.
         """
         while record.status != Status.LOADED:
-            await asyncio.shield(self._single_flight(self._loading, record.id, self._load))
-
-    def _single_flight(
-        self, tasks: dict[str, asyncio.Task], model_id: str, work: Callable[[str], Awaitable[None]]
-    ) -> asyncio.Task:
-        task = tasks.get(model_id)
-        if task is None:
-            task = self._spawn(work(model_id), log=False)
-            tasks[model_id] = task
-            task.add_done_callback(lambda _: tasks.pop(model_id, None))
-        return task
+            await asyncio.shield(self._loading.join(record.id, self._load))
 
     async def _load(self, model_id: str) -> None:
         record = self.ledger[model_id]
@@ -403,7 +345,7 @@ class Controller:
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
         if self.warm:
             node_id = self.ledger.nodes[node].node_id if self.monitor else None
-            self._spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
+            spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
         logger.info(
             "loaded model %s%s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
             model_id,
@@ -483,19 +425,8 @@ class Controller:
 
     def _evict(self, model_id: str, reason: str) -> asyncio.Task:
         """Scale a model (already marked unloading) to zero; the task ends when it is gone."""
-        return self._unloading_task(model_id, self._scale_to_zero(model_id, reason))
-
-    def _unloading_task(self, model_id: str, work: Awaitable[Any]) -> asyncio.Task:
-        """Registered at once, so that a load of the same model always finds it and waits."""
-        task = self._spawn(work, log=False)
-        self._unloading[model_id] = task
-
-        def forget(_: asyncio.Task) -> None:
-            if self._unloading.get(model_id) is task:
-                del self._unloading[model_id]
-
-        task.add_done_callback(forget)
-        return task
+        # Registered at once, so that a load of the same model always finds it and waits.
+        return self._unloading.start(model_id, self._scale_to_zero(model_id, reason))
 
     async def _scale_to_zero(self, model_id: str, reason: str) -> None:
         """Stop the model's replica; a text model's replica saves its prompt cache on the way
@@ -547,7 +478,7 @@ class Controller:
             if r.status == Status.LOADED and r.id not in self._unloading
         ]
         await asyncio.gather(
-            *(self._single_flight(self._checking, model_id, self._check_replica) for model_id in loaded)
+            *(self._checking.join(model_id, self._check_replica) for model_id in loaded)
         )
 
     async def _check_replica(self, model_id: str) -> None:
@@ -569,7 +500,7 @@ class Controller:
         self.ledger.begin_reload(model_id, "its replica was replaced without weights (it died?)")
         await self._notify()
         try:
-            await asyncio.shield(self._single_flight(self._loading, model_id, self._load))
+            await asyncio.shield(self._loading.join(model_id, self._load))
         except ApiError as error:
             logger.error("reloading model %s failed: %s", model_id, error.message)
 
@@ -637,7 +568,7 @@ class Controller:
         records = list(self.ledger.models.values())
         for record in records:
             if record.status == Status.LOADING:
-                self._single_flight(self._loading, record.id, self._load)
+                self._loading.join(record.id, self._load)
         logger.info(
             "controller ready: budget %s on %d node(s), adopted %s",
             format_gb(self.ledger.limit),
@@ -685,14 +616,9 @@ class Controller:
             logger.info("model %s idle for over %.0f s", model_id, self.ledger[model_id].entry.idle_ttl)
         await self._evict_all(tuple(expired), "idle_ttl")
 
-    async def _every(self, work: Callable[[], Awaitable[None]], seconds: float) -> None:
-        await self._ready.wait()
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await work()
-            except Exception:  # one failed round must not end the loop
-                logger.exception("controller task %s failed; next round in %.1f s", work.__name__, seconds)
+    def _every(self, work: Callable[[], Awaitable[None]], seconds: float) -> asyncio.Task:
+        """Rounds of `work` once the controller is ready."""
+        return spawn(every(work, seconds, after=self._ready))
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -717,8 +643,8 @@ class Controller:
         await self._notify()
         if self._ready.is_set():  # at start, `_start` loads them once every node is found
             if self.warm:
-                self._spawn(self.warm.warm(node.node_id))
-            self._spawn(self._load_pinned())
+                spawn(self.warm.warm(node.node_id))
+            spawn(self._load_pinned())
 
     async def _node_lost(self, name: str) -> None:
         """Its models are unloaded, their loads placed again elsewhere; their deployments
@@ -730,20 +656,12 @@ class Controller:
             gone.set_result(None)
         for model_id in self.models:
             if name in self.models[model_id]:
-                self._spawn(self.scaler.scale(self._deployment(self.ledger[model_id], name), 0))
+                spawn(self.scaler.scale(self._deployment(self.ledger[model_id], name), 0))
         if lost:
             logger.warning("models unloaded with node %s: %s", name, ", ".join(lost))
         await self._notify()
 
     # -- accounting -----------------------------------------------------------------------------
-
-    def _spawn(self, work: Awaitable[Any], log: bool = True) -> asyncio.Task:
-        # A fresh context: the work outlives the request that started it, and Serve cancels
-        # the calls a request makes (a load waiting for its replica) when that request is.
-        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
-        if log:
-            task.add_done_callback(_log_failure)
-        return task
 
     async def _wait_for_change(self, timeout: float) -> None:
         async with self._changed:
@@ -753,21 +671,7 @@ class Controller:
                 pass
 
     def _update_gauges(self) -> None:
-        models = self.ledger.models.values()
-        self.metrics["loaded"].set(sum(r.status == Status.LOADED for r in models))
-        self.metrics["nodes"].set(sum(n.alive for n in self.ledger.nodes.values()))
-        for node in self.ledger.nodes.values():
-            self.metrics["budget"].set(node.limit if node.alive else 0, tags={"node": node.name})
-            self.metrics["used"].set(self.ledger.used(node.name), tags={"node": node.name})
-        for r in models:
-            tags = {"model": r.id, "node": r.node or r.last_node or ("none" if self.monitor else LOCAL_NODE)}
-            self.metrics["model_bytes"].set(r.cost if r.holds_memory else 0, tags=tags)
-            self.metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
-            self.metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
-            self.metrics["sequences"].set(r.usage.sequences, tags=tags)
-            measured = r.measured if r.holds_memory else None
-            self.metrics["weights_bytes"].set(measured.weights_bytes if measured else 0, tags=tags)
-            self.metrics["process_bytes"].set(r.process_bytes if measured else 0, tags=tags)
+        publish_gauges(self.metrics, self.ledger, several_nodes=self.monitor is not None)
 
     async def _republish_gauges(self) -> None:
         self._update_gauges()
