@@ -212,9 +212,9 @@ def dashboard_metrics() -> set[str]:
 
 
 def test_dashboard_asks_only_for_metrics_the_server_exports():
-    from deployments.controller import _metrics
+    from deployments.fleet_metrics import fleet_metrics
 
-    fleet = set().union(*(exported_names(metric) for metric in _metrics().values()))
+    fleet = set().union(*(exported_names(metric) for metric in fleet_metrics().values()))
     used = dashboard_metrics()
     assert all(metric_names(query) for query in dashboard_queries())
     assert {name for name in used if not name.startswith("ray_serve_")} <= fleet
