@@ -44,6 +44,7 @@ from policies.errors import (
     node_unavailable,
 )
 from policies.eviction import Evict, Insufficient
+from policies.kv import KvAsk
 from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized
 from policies.logs import module_logger
 from policies.memory import estimate_model_bytes, format_gb
@@ -174,39 +175,29 @@ class Controller:
         await self._ready.wait()
         return self.ledger.renew(held, time.time())
 
-    async def hold(
-        self,
-        model_id: str,
-        held: int,
-        patience: float,
-        final: bool = False,
-        evict: bool = True,
-        alone: int | None = None,
-    ) -> int | None:
-        """A loaded model's replica asks to hold `held` bytes beyond its process: KV for
-        the sequences it is about to run, and its prompt cache. Granted at once if it fits,
-        else after evicting idle models; while busy models stand in the way, waits up to
-        `patience` seconds and returns None (the replica asks again with what it needs by
-        then: its own sequences may have ended; `alone` is what it would need once they
-        have). Without `evict`, only what fits as things
-        are is granted. 503 insufficient_memory when it cannot fit even once everything else
-        is idle, or, `final`, when waiting ran out."""
+    async def hold(self, model_id: str, ask: KvAsk) -> int | None:
+        """A loaded model's replica asks to hold `ask.held` bytes beyond its process (KV for
+        the sequences it is about to run, and its prompt cache), as one claim of room
+        (`_make_room`): granted at once if it fits, else after evicting idle models (unless
+        `ask.may_evict` is False). While busy models stand in the way it waits up to
+        `ask.patience` seconds and returns None: the replica asks again with what it needs by
+        then, as its own sequences may have ended. 503 insufficient_memory when it cannot fit
+        even once everything else is idle, or, on the `final` ask, when it would still wait."""
         record = self._record(model_id)
         await self._ready.wait()
         before = record.held
         granted = await self._make_room(
             ClaimKind.KV,
             model_id,
-            lambda: self.ledger.hold(model_id, held, self._free(), evict, alone),
-            # `final`: the replica has waited as long as a request may; refuse rather than wait.
-            deadline=time.monotonic() + (0 if final else patience),
-            refuse_when_late=final,
+            lambda: self.ledger.hold(model_id, ask.held, self._free(), ask.may_evict, ask.alone),
+            deadline=time.monotonic() + (0 if ask.final else ask.patience),
+            refuse_when_late=ask.final,
         )
         if not granted:
             return None
-        if held != before:
+        if ask.held != before:
             await self._notify()
-        return held
+        return ask.held
 
     async def check_replica(self, model_id: str) -> None:
         """An ingress saw this model's replica fail: check it now rather than at the next round

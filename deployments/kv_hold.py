@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
 from policies.errors import ApiError
-from policies.kv import Usage
+from policies.kv import KvAsk, Usage
 from policies.logs import module_logger
 
 logger = module_logger(__name__)
@@ -28,7 +28,7 @@ GRANT_LINGER_SECONDS = 2.0
 class KvHold:
     def __init__(
         self,
-        ask: Callable[[int, float, bool, bool, int], Awaitable[int | None]],
+        ask: Callable[[KvAsk], Awaitable[int | None]],
         prompt_cache_bytes: Callable[[], int],
         shrink_prompt_cache: Callable[[int], Awaitable[None]],
         free_unused: Callable[[], Awaitable[None]],
@@ -85,7 +85,7 @@ class KvHold:
         as things are: a cache is worth no eviction and no wait."""
         async with self._lock:
             try:
-                return await self._grant(cache_bytes, 0.0, evict=False)
+                return await self._grant(cache_bytes, 0.0, may_evict=False)
             except ApiError:  # it could not fit at all, or the controller is away
                 return False
 
@@ -107,7 +107,7 @@ class KvHold:
         async with self._lock:
             if self._covered(kv_bytes):
                 return
-            if await self._grant(kv_bytes, 0.0, evict=False):
+            if await self._grant(kv_bytes, 0.0, may_evict=False):
                 return
             # It does not fit as things are. Our own prompt cache is the cheapest room: drop
             # its oldest entries before anything is evicted or waited for (a running
@@ -123,10 +123,10 @@ class KvHold:
     def _covered(self, kv_bytes: int) -> bool:
         return self.reserved + kv_bytes + self._prompt_cache_bytes() <= self.granted
 
-    async def _grant(self, kv_bytes: int, patience: float, final: bool = False, evict: bool = True) -> bool:
+    async def _grant(self, kv_bytes: int, patience: float, final: bool = False, may_evict: bool = True) -> bool:
         """Ask to hold enough for the running sequences, the prompt cache and `kv_bytes` more."""
         cache = self._prompt_cache_bytes()
-        granted = await self._ask(self.reserved + kv_bytes + cache, patience, final, evict, kv_bytes + cache)
+        granted = await self._ask(KvAsk(self.reserved + kv_bytes + cache, kv_bytes + cache, patience, final, may_evict))
         if granted is None:
             return False
         self.granted = granted

@@ -26,7 +26,7 @@ from policies.generation import GenerationRequest, token_budget
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
 from policies.events import Event, merged
-from policies.kv import KvShape, Usage
+from policies.kv import KvAsk, KvShape, Usage
 from policies.families import render_chat, stop_tokens
 from policies.output_parser import OutputParser
 from policies.constraints import Constraint, answer_constraint
@@ -182,13 +182,11 @@ class TextModel(GenerativeServer):
         process = self.resident_bytes() - self._prompt_cache_bytes() if idle else None
         return self.kv.usage(process, self.kv_shape.bytes_per_token)
 
-    async def _ask_controller(
-        self, held: int, patience: float, final: bool, evict: bool, alone: int
-    ) -> int | None:
+    async def _ask_controller(self, ask: KvAsk) -> int | None:
         if self._controller is None:
             self._controller = serve.get_deployment_handle(CONTROLLER_NAME, serve.get_replica_context().app_name)
         try:
-            return await self._controller.hold.remote(self.entry.id, held, patience, final, evict, alone)
+            return await self._controller.hold.remote(self.entry.id, ask)
         except Exception as error:
             if find_api_error(error) is not None:
                 raise

@@ -34,6 +34,18 @@ class KvShape:
 
 
 @dataclass(frozen=True)
+class KvAsk:
+    """A text model's replica asking the controller to hold memory beyond its process: KV
+    for the sequences it runs and is about to run, and its prompt cache."""
+
+    held: int  # bytes to hold in all (a shrink is granted at once)
+    alone: int  # what it would need for the new sequence once its others are done
+    patience: float = 0.0  # seconds the controller may wait for busy models before answering None
+    final: bool = False  # the last ask: still waiting is a refusal (503), not None
+    may_evict: bool = True  # False: only what fits as things are (a saved cache is worth no eviction)
+
+
+@dataclass(frozen=True)
 class Usage:
     """What a text model's replica holds beyond its process, as it reports it."""
 

@@ -17,6 +17,7 @@ from deployments.controller import Controller, Effects
 from deployments.model_server import LoadReport, ReplicaState
 from policies.config import LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.errors import ApiError
+from policies.kv import KvAsk
 from policies.ledger import Status
 
 GB = 10**9
@@ -248,12 +249,12 @@ def test_kv_growth_evicts_an_idle_model_and_a_final_ask_behind_a_busy_one_is_ref
         await controller.acquire("chat")
         await controller.release((await controller.acquire("idle")).id)
         await controller.acquire("busy")
-        assert await controller.hold("chat", GB // 2, patience=0.5) == GB // 2
+        assert await controller.hold("chat", KvAsk(GB // 2, GB // 2, patience=0.5)) == GB // 2
         assert statuses(controller)["idle"] == "unloaded"
         # Now only the busy model stands in the way: a patient ask waits and gets None back.
-        assert await controller.hold("chat", 2 * GB, patience=0.1) is None
+        assert await controller.hold("chat", KvAsk(2 * GB, 2 * GB, patience=0.1)) is None
         with pytest.raises(ApiError) as refused:
-            await controller.hold("chat", 2 * GB, patience=0.1, final=True)
+            await controller.hold("chat", KvAsk(2 * GB, 2 * GB, patience=0.1, final=True))
         assert refused.value.message.endswith("(for the KV cache of a request): the models in the way were still busy after 1 s")
         assert controller.ledger["chat"].held == GB // 2
 
