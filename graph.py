@@ -26,7 +26,7 @@ from deployments.replica_policy import POLICY_FUNCTION, zero_replicas
 from deployments.warm_workers import model_runtime_env
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
-from policies.features import text_features
+from policies.features import served_context, text_features
 
 
 # A resource only the head node has (Ray adds it): actors asking for a sliver run there.
@@ -105,9 +105,8 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 f"cannot serve; set `type:` to one of: {', '.join(kinds)}"
             )
         features = asdict(text_features(path)) if model_type == TEXT else {}
-        if spec.max_context is not None:
-            known = features.get("context_length")
-            features["context_length"] = min(spec.max_context, known) if known else spec.max_context
+        if model_type == TEXT:
+            features["context_length"] = served_context(features["context_length"], spec.max_context)
         catalog.append(
             ModelEntry(
                 id=spec.id,

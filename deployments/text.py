@@ -25,6 +25,7 @@ from policies.errors import ApiError, controller_unavailable, find_api_error
 from policies.generation import GenerationRequest, token_budget
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
+from policies.features import config_context_length, served_context
 from policies.events import Event, merged
 from policies.kv import KvAsk, KvShape, Usage
 from policies.families import render_chat, stop_tokens
@@ -223,8 +224,11 @@ class TextModel(GenerativeServer):
         if gguf is not None:
             path = str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
         self.model, self.tokenizer, model_config = load(path, return_config=True)
-        limits = [model_config.get("max_position_embeddings"), self.entry.max_context]
-        self.context_length = min((n for n in limits if n), default=None)
+        # As the catalog has it (from the files at start), or, for a model only downloaded
+        # now, from the config that came with it: by the same rule either way.
+        self.context_length = self.entry.context_length or served_context(
+            config_context_length(model_config), self.entry.max_context
+        )
         # Templates end a turn with a token the tokenizer may not list as EOS (<|eot_id|>,
         # <end_of_turn>): without it generation runs past the answer until max_tokens.
         vocab = self.tokenizer.get_vocab()

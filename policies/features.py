@@ -31,16 +31,26 @@ def text_features(path: str | Path) -> TextFeatures:
         context = metadata.get(f"{architecture}.context_length")
     else:
         template = chat_template(Path(path))
-        config = read_config(path) or {}
-        context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
-            "max_position_embeddings"
-        )
+        context = config_context_length(read_config(path) or {})
     tool_format = format_for(template) or (FORMATS["generic"] if template else None)
     return TextFeatures(
         tool_format=tool_format.name if tool_format else None,
         think=THINK_MARKERS if template and THINK_MARKERS[0] in template else None,
         context_length=int(context) if context else None,
     )
+
+
+def config_context_length(config: dict) -> int | None:
+    """A model's own context from its config.json (a vision-language model's text part keeps
+    it in `text_config`)."""
+    context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(context) if context else None
+
+
+def served_context(own: int | None, max_context: int | None) -> int | None:
+    """The context a model is served with: its own, capped by the config's `max_context`
+    (shown in /v1/models and enforced by its replica: one value)."""
+    return min((n for n in (own, max_context) if n), default=None)
 
 
 def chat_template(folder: Path) -> str | None:

@@ -109,3 +109,16 @@ def test_command_line(demo_models, tmp_path):
         (EMBEDDINGS, "bert", "bert"), (TEXT, "gemma", "gemma"), (TEXT, "llama", None)
     ]
     assert rows[2]["reason"].startswith("no config.json")
+
+
+def test_the_served_context_is_the_models_own_capped_by_max_context():
+    from policies.features import config_context_length, served_context
+
+    assert config_context_length({"max_position_embeddings": 8192}) == 8192
+    # A vision-language model keeps its text model's context in text_config.
+    assert config_context_length({"text_config": {"max_position_embeddings": 32768}}) == 32768
+    assert config_context_length({}) is None
+    assert served_context(8192, 1024) == 1024
+    assert served_context(8192, None) == 8192
+    assert served_context(None, 1024) == 1024
+    assert served_context(None, None) is None
