@@ -85,7 +85,8 @@ T = TypeVar("T")
 
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
 MAX_JSON_DEPTH = 64
-ANTHROPIC_PATHS = ("/v1/messages",)
+# Routes declare their dialect as their OpenAPI tag; an error is answered in its envelope.
+OPENAI, ANTHROPIC, ADMIN = "OpenAI", "Anthropic", "admin"
 # Features a client insists on, comma-separated: a wish (reasoning) the model lacks is then a 400.
 REQUIRE_HEADER = "x-mlx-fleet-require"
 
@@ -121,8 +122,9 @@ def warning_headers(warnings: Sequence[str]) -> dict[str, str]:
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:
     """The error in the envelope of the dialect the request came in."""
-    anthropic_path = request.url.path.endswith(ANTHROPIC_PATHS) or "/v1/messages/" in request.url.path
-    body = anthropic_error_body(error) if anthropic_path else error.body()
+    route = request.scope.get("route")  # the route the request matched, if any
+    anthropic = route is not None and ANTHROPIC in getattr(route, "tags", ())
+    body = anthropic_error_body(error) if anthropic else error.body()
     if error.status < 500:  # the client's doing: one line, no traceback
         level = logging.INFO if error.status in (400, 404) else logging.WARNING
         logger.log(level, "%s %s refused: %s", request.method, request.url.path, error.summary())
@@ -272,7 +274,7 @@ class Ingress:
         refusal = not_ready(waiting)
         return JSONResponse(refusal.body(), status_code=refusal.status)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", tags=[OPENAI])
     async def list_models(self) -> dict[str, Any]:
         statuses = await self.controller.statuses.remote()
         return {
@@ -280,7 +282,7 @@ class Ingress:
             "data": [self._model_card(entry, statuses[entry.id]) for entry in self.catalog.values()],
         }
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", tags=[OPENAI])
     async def get_model(self, model_id: str) -> dict[str, Any]:
         entry = self._entry(model_id)
         statuses = await self.controller.statuses.remote()
@@ -288,7 +290,7 @@ class Ingress:
 
     # -- OpenAI -------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
+    @app.post("/v1/chat/completions", tags=[OPENAI], openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
         entry = self._entry(body.model, CHAT)
@@ -298,7 +300,7 @@ class Ingress:
         reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
-    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
+    @app.post("/v1/completions", tags=[OPENAI], openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
@@ -307,7 +309,7 @@ class Ingress:
         reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
-    @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
+    @app.post("/v1/embeddings", tags=[OPENAI], openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
         body = await self._parse(request, EmbeddingRequest)
         entry = self._entry(body.model, EMBEDDINGS)
@@ -323,7 +325,7 @@ class Ingress:
             "usage": {"prompt_tokens": embedded.prompt_tokens, "total_tokens": embedded.prompt_tokens},
         }
 
-    @app.post("/v1/responses", openapi_extra=json_body(responses.ResponsesRequest))
+    @app.post("/v1/responses", tags=[OPENAI], openapi_extra=json_body(responses.ResponsesRequest))
     async def create_response(self, request: Request):
         body = await self._parse(request, responses.ResponsesRequest)
         entry = self._entry(body.model, CHAT, "/v1/responses")
@@ -336,14 +338,14 @@ class Ingress:
         store = self._response_storer(reply, body.store, conversation)
         return await self._respond(entry, job, reply, body.stream, after=store, warnings=warnings)
 
-    @app.get("/v1/responses/{response_id}")
+    @app.get("/v1/responses/{response_id}", tags=[OPENAI])
     async def get_response(self, response_id: str) -> dict[str, Any]:
         record = await self.stored_responses.get(response_id)
         if record is None:
             raise response_not_found(response_id, "response_id")
         return record["response"]
 
-    @app.delete("/v1/responses/{response_id}")
+    @app.delete("/v1/responses/{response_id}", tags=[OPENAI])
     async def delete_response(self, response_id: str) -> dict[str, Any]:
         if not await self.stored_responses.delete(response_id):
             raise response_not_found(response_id, "response_id")
@@ -351,7 +353,7 @@ class Ingress:
 
     # -- Anthropic ----------------------------------------------------------------------------
 
-    @app.post("/v1/messages", openapi_extra=json_body(anthropic.MessagesRequest))
+    @app.post("/v1/messages", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.MessagesRequest))
     async def messages(self, request: Request):
         body = await self._parse(request, anthropic.MessagesRequest)
         entry = self._entry(body.model, CHAT, "/v1/messages")
@@ -360,7 +362,7 @@ class Ingress:
         warnings = self._check(entry, job, body, request)
         return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
 
-    @app.post("/v1/messages/count_tokens", openapi_extra=json_body(anthropic.CountTokensRequest))
+    @app.post("/v1/messages/count_tokens", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.CountTokensRequest))
     async def count_tokens(self, request: Request) -> dict[str, int]:
         body = await self._parse(request, anthropic.CountTokensRequest)
         entry = self._entry(body.model, CHAT, "/v1/messages/count_tokens")
@@ -372,12 +374,12 @@ class Ingress:
         self.leases.release(lease)
         return {"input_tokens": tokens}
 
-    @app.get("/admin/models")
+    @app.get("/admin/models", tags=[ADMIN])
     async def admin_models(self, request: Request) -> dict[str, Any]:
         self._require_admin(request)
         return await self.controller.admin_view.remote()
 
-    @app.post("/admin/models/{model_id:path}/load", openapi_extra=json_body(PreloadRequest, required=False))
+    @app.post("/admin/models/{model_id:path}/load", tags=[ADMIN], openapi_extra=json_body(PreloadRequest, required=False))
     async def admin_load(self, model_id: str, request: Request) -> dict[str, Any]:
         self._require_admin(request)
         entry = self._entry(model_id)
@@ -385,7 +387,7 @@ class Ingress:
         await self.controller.preload.remote(entry.id, body.pin)
         return await self._admin_model(entry.id)
 
-    @app.post("/admin/models/{model_id:path}/unload")
+    @app.post("/admin/models/{model_id:path}/unload", tags=[ADMIN])
     async def admin_unload(self, model_id: str, request: Request) -> dict[str, Any]:
         self._require_admin(request)
         entry = self._entry(model_id)
