@@ -296,7 +296,7 @@ class Ingress:
         entry = self._entry(body.model, CHAT)
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        warnings = self._check(entry, job, body, request)
+        warnings = await self._check(entry, job, body, request)
         reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
@@ -305,7 +305,7 @@ class Ingress:
         body = await self._parse(request, CompletionRequest)
         entry = self._entry(body.model, COMPLETIONS)
         job = GenerationRequest(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
-        warnings = self._check(entry, job, body, request)
+        warnings = await self._check(entry, job, body, request)
         reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
         return await self._respond(entry, job, reply, body.stream, warnings=warnings)
 
@@ -333,7 +333,7 @@ class Ingress:
         images = await self._images(entry, body.image_urls())
         conversation = body.conversation(earlier, self._vision(entry))
         job = body.to_generation(body.chat(conversation), images)
-        warnings = self._check(entry, job, body, request)
+        warnings = await self._check(entry, job, body, request)
         reply = responses.Reply(entry.id, body)
         store = self._response_storer(reply, body.store, conversation)
         return await self._respond(entry, job, reply, body.stream, after=store, warnings=warnings)
@@ -359,7 +359,7 @@ class Ingress:
         entry = self._entry(body.model, CHAT, "/v1/messages")
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
-        warnings = self._check(entry, job, body, request)
+        warnings = await self._check(entry, job, body, request)
         return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
 
     @app.post("/v1/messages/count_tokens", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.CountTokensRequest))
@@ -369,7 +369,7 @@ class Ingress:
         if entry.type != "text-generation":
             raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
         job = body.to_generation(vision=False, images=[])
-        self._check(entry, job, body, request)
+        await self._check(entry, job, body, request)
         lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id))
         self.leases.release(lease)
         return {"input_tokens": tokens}
@@ -439,10 +439,13 @@ class Ingress:
     def _vision(self, entry: ModelEntry) -> bool:
         return self.capabilities[entry.type].accepts_images
 
-    def _check(self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest", request: Request) -> list[str]:
+    async def _check(
+        self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest", request: Request
+    ) -> list[str]:
         """Refuse what the model cannot do (400 naming the field that asked for it), and a
-        constraint that does not compile; the warnings for what the answer leaves out.
-        A wish the client insists on (`x-mlx-fleet-require: reasoning`) is a need."""
+        constraint that does not compile (compiled off the event loop: a large schema takes
+        long enough to hold up every other request); the warnings for what the answer leaves
+        out. A wish the client insists on (`x-mlx-fleet-require: reasoning`) is a need."""
         features = self._features(entry)
         insisted = {f.strip() for f in request.headers.get(REQUIRE_HEADER, "").split(",") if f.strip()}
         wishes = body.wishes()
@@ -451,7 +454,7 @@ class Ingress:
             if not features[feature]:
                 raise ApiError(400, f"Model {entry.id} does not support {feature.replace('_', ' ')}", param=param)
         if job.constraint is not None:
-            problem = job.constraint.error(FORMATS.get(entry.tool_format or ""))
+            problem = await asyncio.to_thread(job.constraint.error, FORMATS.get(entry.tool_format or ""))
             if problem:
                 raise ApiError(400, f"The schema cannot be used for constrained decoding: {problem}",
                                param=body.constraint_param)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dialects.errors import anthropic_error_body
+from dialects.sse import sse
 from policies.errors import ApiError
 from dialects.openai import MAX_TOKENS_CAP, SEED_LIMIT
 from policies.constraints import Constraint
@@ -335,9 +336,9 @@ class CountTokensRequest(MessagesRequest):
 # -- replies ---------------------------------------------------------------------------------
 
 
-def sse(event: dict[str, Any]) -> str:
+def event_sse(event: dict[str, Any]) -> str:
     """Anthropic's clients read the event name from the `event:` line."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+    return sse(event, event["type"])
 
 
 class Reply:
@@ -369,7 +370,7 @@ class Reply:
 
     def opening(self) -> list[str]:
         start = {**self._message([], None), "usage": {"input_tokens": 0, "output_tokens": 0}}
-        return [sse({"type": "message_start", "message": start}), sse({"type": "ping"})]
+        return [event_sse({"type": "message_start", "message": start}), event_sse({"type": "ping"})]
 
     def batch(self, events: list[Event]) -> list[str]:
         out = []
@@ -380,39 +381,39 @@ class Reply:
                     out += self._close()
                     self.index, self.open = self.index + 1, kind
                     block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
-                    out.append(sse({"type": "content_block_start", "index": self.index, "content_block": block}))
+                    out.append(event_sse({"type": "content_block_start", "index": self.index, "content_block": block}))
                 delta = {"type": "text_delta", "text": event.text} if kind == "text" else {"type": "thinking_delta", "thinking": event.text}
-                out.append(sse({"type": "content_block_delta", "index": self.index, "delta": delta}))
+                out.append(event_sse({"type": "content_block_delta", "index": self.index, "delta": delta}))
             elif isinstance(event, ToolCall):
                 out += self._close()
                 self.index += 1
                 block = self._tool_use(event)
                 arguments = json.dumps(block.pop("input"), ensure_ascii=False)
-                out.append(sse({"type": "content_block_start", "index": self.index, "content_block": {**block, "input": {}}}))
-                out.append(sse({"type": "content_block_delta", "index": self.index,
+                out.append(event_sse({"type": "content_block_start", "index": self.index, "content_block": {**block, "input": {}}}))
+                out.append(event_sse({"type": "content_block_delta", "index": self.index,
                                 "delta": {"type": "input_json_delta", "partial_json": arguments}}))
-                out.append(sse({"type": "content_block_stop", "index": self.index}))
+                out.append(event_sse({"type": "content_block_stop", "index": self.index}))
             elif isinstance(event, Finish):
                 out += self._close()
                 delta = {"stop_reason": self._stop_reason(event), "stop_sequence": event.stop_sequence}
-                out.append(sse({"type": "message_delta", "delta": delta, "usage": self._usage(event)}))
+                out.append(event_sse({"type": "message_delta", "delta": delta, "usage": self._usage(event)}))
         return out
 
     def failure(self, error: ApiError) -> list[str]:
-        return [f"event: error\ndata: {json.dumps(anthropic_error_body(error))}\n\n"]
+        return [sse(anthropic_error_body(error), "error")]
 
     def closing(self) -> list[str]:
-        return [sse({"type": "message_stop"})]
+        return [event_sse({"type": "message_stop"})]
 
     def _close(self) -> list[str]:
         if self.open is None:
             return []
         closing = []
         if self.open == "thinking":  # clients keep thinking blocks whole only when signed
-            closing.append(sse({"type": "content_block_delta", "index": self.index,
+            closing.append(event_sse({"type": "content_block_delta", "index": self.index,
                                 "delta": {"type": "signature_delta", "signature": ""}}))
         self.open = None
-        return [*closing, sse({"type": "content_block_stop", "index": self.index})]
+        return [*closing, event_sse({"type": "content_block_stop", "index": self.index})]
 
     def _message(self, content: list[dict[str, Any]], finish: Finish | None) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from dialects.sse import DONE, sse
 from policies.errors import ApiError
 from policies.constraints import Constraint
 from policies.events import Content, Event, Finish, Logprobs, Reasoning, TokenLogprob, ToolCall
@@ -446,10 +447,6 @@ def usage(finish: Finish) -> dict[str, Any]:
     }
 
 
-def sse(data: Any) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 class Reply:
     """OpenAI response objects for one request, chat or legacy completion shaped, from the
     generation's events. A streamed reply's chunks add up to the plain reply."""
@@ -513,7 +510,7 @@ class Reply:
         return [sse(error.body())]
 
     def closing(self) -> list[str]:
-        return ["data: [DONE]\n\n"]
+        return [DONE]
 
     def chunks(self, events: list[Event], with_usage: bool) -> list[dict[str, Any]]:
         """The chunks for one batch of events: text and reasoning with their log-probabilities

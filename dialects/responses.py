@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from dialects.sse import sse
 from policies.errors import ApiError
 from dialects.openai import MAX_TOKENS_CAP, JsonObjectFormat, TextFormat
 from policies.constraints import Constraint
@@ -615,4 +616,4 @@ class Reply:
     def _sse(self, kind: str, **fields: Any) -> str:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+        return sse(event, kind)
