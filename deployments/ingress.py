@@ -11,7 +11,7 @@ import logging
 import re
 import secrets
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 from fastapi.openapi.utils import get_openapi
 from fastapi import FastAPI, Request
@@ -29,6 +29,7 @@ from deployments.media import ImagePolicy, ImageRef, load_images
 from deployments.response_store import ResponseStore
 from dialects import anthropic, openai, responses
 from dialects.errors import anthropic_error_body
+from dialects.protocol import ChatRequest, DialectRequest, Reply
 from policies.errors import (
     ApiError,
     find_api_error,
@@ -82,6 +83,7 @@ def openapi() -> dict[str, Any]:
 
 app.openapi = openapi
 T = TypeVar("T")
+ChatRequestT = TypeVar("ChatRequestT", bound=ChatRequest)
 
 # No request schema nests deeper than a few levels; a deeper body is an attack on the parser.
 MAX_JSON_DEPTH = 64
@@ -89,26 +91,6 @@ MAX_JSON_DEPTH = 64
 OPENAI, ANTHROPIC, ADMIN = "OpenAI", "Anthropic", "admin"
 # Features a client insists on, comma-separated: a wish (reasoning) the model lacks is then a 400.
 REQUIRE_HEADER = "x-mlx-fleet-require"
-
-
-class Reply(Protocol):
-    """What every dialect's reply does (see dialects/__init__.py)."""
-
-    def full(self, events: list[Event]) -> dict[str, Any]: ...
-    def opening(self) -> list[str]: ...
-    def batch(self, events: list[Event]) -> list[str]: ...
-    def failure(self, error: ApiError) -> list[str]: ...
-    def closing(self) -> list[str]: ...
-
-
-class DialectRequest(Protocol):
-    """What every dialect's generation request says about itself (see dialects/__init__.py)."""
-
-    def needs(self) -> dict[str, str]: ...
-    def wishes(self) -> dict[str, str]: ...
-    def ignored(self) -> list[str]: ...
-    @property
-    def constraint_param(self) -> str: ...
 
 
 def warning_headers(warnings: Sequence[str]) -> dict[str, str]:
@@ -292,22 +274,19 @@ class Ingress:
 
     @app.post("/v1/chat/completions", tags=[OPENAI], openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
-        body = await self._parse(request, ChatCompletionRequest)
-        entry = self._entry(body.model, CHAT)
-        images = await self._images(entry, body.image_urls())
-        job = body.to_generation(self._vision(entry), images)
-        warnings = await self._check(entry, job, body, request)
-        reply = openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage)
-        return await self._respond(entry, job, reply, body.stream, warnings=warnings)
+        return await self._generate(
+            request, ChatCompletionRequest, CHAT, None,
+            lambda entry, body: openai.Reply(entry.id, chat=True, logprobs=body.logprobs, include_usage=body.include_usage),
+        )
 
     @app.post("/v1/completions", tags=[OPENAI], openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request):
-        body = await self._parse(request, CompletionRequest)
-        entry = self._entry(body.model, COMPLETIONS)
-        job = GenerationRequest(sampling=body.sampling(), prompt=body.prompt_text, logprobs=body.logprobs)
-        warnings = await self._check(entry, job, body, request)
-        reply = openai.Reply(entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage)
-        return await self._respond(entry, job, reply, body.stream, warnings=warnings)
+        return await self._generate(
+            request, CompletionRequest, COMPLETIONS, None,
+            lambda entry, body: openai.Reply(
+                entry.id, chat=False, logprobs=body.logprobs is not None, include_usage=body.include_usage
+            ),
+        )
 
     @app.post("/v1/embeddings", tags=[OPENAI], openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
@@ -355,12 +334,9 @@ class Ingress:
 
     @app.post("/v1/messages", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.MessagesRequest))
     async def messages(self, request: Request):
-        body = await self._parse(request, anthropic.MessagesRequest)
-        entry = self._entry(body.model, CHAT, "/v1/messages")
-        images = await self._images(entry, body.image_urls())
-        job = body.to_generation(self._vision(entry), images)
-        warnings = await self._check(entry, job, body, request)
-        return await self._respond(entry, job, anthropic.Reply(entry.id), body.stream, warnings=warnings)
+        return await self._generate(
+            request, anthropic.MessagesRequest, CHAT, "/v1/messages", lambda entry, body: anthropic.Reply(entry.id)
+        )
 
     @app.post("/v1/messages/count_tokens", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.CountTokensRequest))
     async def count_tokens(self, request: Request) -> dict[str, int]:
@@ -439,8 +415,26 @@ class Ingress:
     def _vision(self, entry: ModelEntry) -> bool:
         return self.capabilities[entry.type].accepts_images
 
+    async def _generate(
+        self,
+        request: Request,
+        schema: type[ChatRequestT],
+        capability: str,
+        path: str | None,
+        reply_for: Callable[[ModelEntry, ChatRequestT], Reply],
+    ) -> Any:
+        """Every generating route but Responses (which needs its stored history first): the
+        body parsed, the model chosen, its images fetched, the request checked against the
+        model, then answered whole or streamed in the dialect's reply."""
+        body = await self._parse(request, schema)
+        entry = self._entry(body.model, capability, path)
+        images = await self._images(entry, body.image_urls())
+        job = body.to_generation(self._vision(entry), images)
+        warnings = await self._check(entry, job, body, request)
+        return await self._respond(entry, job, reply_for(entry, body), body.stream, warnings=warnings)
+
     async def _check(
-        self, entry: ModelEntry, job: GenerationRequest, body: "DialectRequest", request: Request
+        self, entry: ModelEntry, job: GenerationRequest, body: DialectRequest, request: Request
     ) -> list[str]:
         """Refuse what the model cannot do (400 naming the field that asked for it), and a
         constraint that does not compile (compiled off the event loop: a large schema takes

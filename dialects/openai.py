@@ -387,6 +387,12 @@ class CompletionRequest(_GenerationRequest):
     def constraint_param(self) -> str:
         return "prompt"
 
+    def image_urls(self) -> list[tuple[str, str]]:
+        return []
+
+    def to_generation(self, vision: bool, images: list[Any]) -> GenerationRequest:
+        return GenerationRequest(sampling=self.sampling(), prompt=self.prompt_text, logprobs=self.logprobs)
+
 
 # OpenAI's own limit on inputs per embeddings request.
 MAX_EMBEDDING_INPUTS = 2048
