@@ -118,7 +118,9 @@ def memory_parts(model: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
-def in_flight(model: dict[str, Any]) -> str:
+def leases(model: dict[str, Any]) -> str:
+    """Live leases (one per ingress replica with requests for the model, whatever their
+    number), and requests waiting for the model to load."""
     waiting = f" +{model['waiting']} waiting" if model["waiting"] else ""
     return f"{model['in_flight']}{waiting}"
 
@@ -150,7 +152,7 @@ def ps(args: argparse.Namespace) -> str:
             *([m["node"] or "-"] if several else []),
             size(m["memory_bytes"]),
             memory_parts(m),
-            in_flight(m),
+            leases(m),
             "never" if m["last_used"] is None else f"{duration(now - m['last_used'])} ago",
             "-" if m.get("idle_unload_in_s") is None else duration(m["idle_unload_in_s"]),
         ]
@@ -181,7 +183,7 @@ def ps(args: argparse.Namespace) -> str:
     headers = (
         *MODEL_HEADERS,
         *(["NODE"] if several else []),
-        "MEMORY", "MADE OF", "IN FLIGHT", "LAST USED", "IDLE UNLOAD IN",
+        "MEMORY", "MADE OF", "LEASES", "LAST USED", "IDLE UNLOAD IN",
     )
     return f"{summary}\n\n{table(rows, headers)}"
 

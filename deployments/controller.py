@@ -168,12 +168,12 @@ class Controller:
         if self.ledger.release(lease_id, time.time()) is not None:
             await self._notify()
 
-    async def renew(self, held: dict[str, str]) -> list[str]:
+    async def renew(self, leases: dict[str, str]) -> list[str]:
         """Extend the leases an ingress still uses ({lease id: model id}); the ones it has
         lost (expired, released) are returned. After a restart, only once the running
         replicas' leases are adopted: before, every lease would look lost."""
         await self._ready.wait()
-        return self.ledger.renew(held, time.time())
+        return self.ledger.renew(leases, time.time())
 
     async def hold(self, model_id: str, ask: KvAsk) -> int | None:
         """A loaded model's replica asks to hold `ask.held` bytes beyond its process (KV for
@@ -265,7 +265,7 @@ class Controller:
                 doing = (
                     "is still loading" if model_id in self._loading
                     else "is still being unloaded" if model_id in self._unloading
-                    else f"still serves {len(record.leases)} request(s)"
+                    else f"is still leased for requests by {len(record.leases)} ingress replica(s)"
                 )
                 raise model_busy(model_id, doing, self.config.load_wait_seconds)
             await self._wait_for_change(remaining)

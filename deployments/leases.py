@@ -213,16 +213,16 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         """Extend the held leases now; the ones the controller no longer knows are lost."""
-        held = {s.lease.id: model for model, s in self._shared.items()}
-        if not held:
+        leases = {s.lease.id: model for model, s in self._shared.items()}
+        if not leases:
             return
         sent = time.monotonic()  # the controller extends them from about now
         try:
-            lost = await asyncio.wait_for(self.controller.renew.remote(held), self.renew_every)
+            lost = await asyncio.wait_for(self.controller.renew.remote(leases), self.renew_every)
         except Exception as error:  # the next round tries again; expiry is far away
-            logger.warning("renewing %d lease(s) failed: %r", len(held), error)
+            logger.warning("renewing %d lease(s) failed: %r", len(leases), error)
             return
-        for lease_id, model in held.items():
+        for lease_id, model in leases.items():
             shared = self._shared.get(model)
             if shared is None or shared.lease.id != lease_id:
                 continue

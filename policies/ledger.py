@@ -430,7 +430,7 @@ class Ledger:
         self._add_lease(lease, now)
         return lease
 
-    def renew(self, held: dict[str, str], now: float) -> list[str]:
+    def renew(self, leases: dict[str, str], now: float) -> list[str]:
         """Extend leases their holder still uses ({lease id: model id}); returns the ones it
         could not, which their holder must stop counting on.
 
@@ -439,7 +439,7 @@ class Ledger:
         released or expired here.
         """
         lost = []
-        for lease_id, model_id in held.items():
+        for lease_id, model_id in leases.items():
             record = self._leases.get(lease_id)
             if record is not None:
                 record.expires_at = now + self.lease_ttl

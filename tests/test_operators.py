@@ -132,7 +132,7 @@ def test_ps_shows_memory_and_its_parts_requests_and_idle_countdown(ops_url, quie
     assert (row["TYPE"], row["FAMILY"], row["STATUS"], row["PINNED"]) == ("vision", "qwen", "loaded", "no")
     assert row["MEMORY"] == size(model["memory_bytes"])
     assert row["MADE OF"] == f"weights {size(model['weights_bytes'])}, process {size(model['process_bytes'])}"
-    assert row["IN FLIGHT"] == "0"
+    assert row["LEASES"] == "0"
     assert re.fullmatch(r"\d+s ago", row["LAST USED"]), row
     assert re.fullmatch(r"9m \d\ds|10m 00s", row["IDLE UNLOAD IN"]), row
 
