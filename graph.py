@@ -24,7 +24,7 @@ from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
 from deployments.replica_policy import POLICY_FUNCTION, zero_replicas
 from deployments.warm_workers import model_runtime_env
-from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name, parse_duration
+from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
 from policies.features import served_context, text_features
 
@@ -115,18 +115,14 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 type=model_type,
                 family=spec.family or found.family,
                 pinned=spec.pinned,
-                memory_bytes=spec.memory_bytes,
-                idle_ttl=_idle_ttl(spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl),
+                memory_bytes=spec.memory,
+                idle_ttl=spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl,
                 max_context=spec.max_context,
                 node=spec.node,
                 **features,
             )
         )
     return catalog
-
-
-def _idle_ttl(ttl: str | float | None) -> float | None:
-    return None if ttl is None else parse_duration(ttl)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -110,11 +110,11 @@ class Controller:
             catalog,
             {
                 entry.id: estimate_model_bytes(
-                    entry.path, config.replica_overhead_bytes, entry.memory_bytes, config.gguf_dequantize
+                    entry.path, config.replica_overhead, entry.memory_bytes, config.gguf_dequantize
                 )
                 for entry in catalog
             },
-            lease_ttl=config.lease_ttl_seconds,
+            lease_ttl=config.lease_ttl,
             nodes=config.node_names if several else None,
         )
         # Several nodes: each is found, budgeted and watched by the monitor; resolved when a
@@ -136,7 +136,7 @@ class Controller:
         self._background = [
             spawn(self._start()),
             *([self._every(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
-            self._every(self._expire_leases, config.lease_ttl_seconds / 4),
+            self._every(self._expire_leases, config.lease_ttl / 4),
             self._every(self._check_replicas, REPLICA_CHECK_SECONDS),
             self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS),
         ]
@@ -247,7 +247,7 @@ class Controller:
         record = self._record(model_id)
         record.pinned = False
         await self._ready.wait()
-        deadline = time.monotonic() + self.config.load_wait_seconds
+        deadline = time.monotonic() + self.config.load_wait_timeout
         while True:
             for tasks in (self._loading, self._unloading):
                 if model_id in tasks:  # its failure is not ours; its length is bounded here
@@ -267,7 +267,7 @@ class Controller:
                     else "is still being unloaded" if model_id in self._unloading
                     else f"is still leased for requests by {len(record.leases)} ingress replica(s)"
                 )
-                raise model_busy(model_id, doing, self.config.load_wait_seconds)
+                raise model_busy(model_id, doing, self.config.load_wait_timeout)
             await self._wait_for_change(remaining)
 
     # -- loading and eviction -------------------------------------------------------------------
@@ -300,7 +300,7 @@ class Controller:
                     ClaimKind.LOAD,
                     model_id,
                     lambda: self.ledger.admit(model_id, self._free()),
-                    deadline=time.monotonic() + self.config.load_wait_seconds,
+                    deadline=time.monotonic() + self.config.load_wait_timeout,
                     refuse_when_late=True,
                 )
             # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
@@ -374,7 +374,7 @@ class Controller:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if refuse_when_late:
-                        self._refuse(model_id, still_busy(kind, decision, self.config.load_wait_seconds))
+                        self._refuse(model_id, still_busy(kind, decision, self.config.load_wait_timeout))
                     return False
                 if kind == ClaimKind.LOAD:  # a KV claim waits in short turns: one line per load only
                     logger.info(

@@ -44,10 +44,9 @@ from policies.errors import (
 )
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
-from policies.config import INGRESS_NAME, AppConfig, ModelEntry, parse_duration
+from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 from policies.events import Event, Finish
 from policies.generation import GenerationRequest
-from policies.memory import parse_size
 from policies.tool_calls import FORMATS
 from policies.logs import module_logger
 
@@ -224,18 +223,18 @@ class Ingress:
         self.capabilities = capabilities
         self.image_policy = ImagePolicy(
             max_side=config.image_max_side,
-            max_bytes=parse_size(config.image_max_bytes),
-            timeout_s=parse_duration(config.image_fetch_timeout),
+            max_bytes=config.image_max_bytes,
+            timeout_s=config.image_fetch_timeout,
             allow_hosts=tuple(config.image_allow_hosts),
         )
         self.controller = controller
         self.models = models
-        self.stored_responses = ResponseStore(config.responses_dir, config.responses_ttl_seconds, config.responses_max)
+        self.stored_responses = ResponseStore(config.responses_dir, config.responses_ttl, config.responses_max)
         self.leases = LeaseKeeper(
             controller,
             # A request waits for its model's load, and through a controller restart.
-            acquire_timeout=config.load_wait_seconds + 60,
-            lease_ttl=config.lease_ttl_seconds,
+            acquire_timeout=config.load_wait_timeout + 60,
+            lease_ttl=config.lease_ttl,
         )
         self.started = int(time.time())
         self._tasks: set[asyncio.Task] = set()
@@ -525,13 +524,13 @@ class Ingress:
             raise validation_error_to_api_error(error) from None
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.max_request_bytes
+        limit = self.config.max_request_size
         too_large = request_too_large(limit)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        seconds = self.config.request_body_seconds
+        seconds = self.config.request_body_timeout
         try:
             async with asyncio.timeout(seconds):
                 async for chunk in request.stream():

@@ -76,14 +76,14 @@ class TextModel(GenerativeServer):
             self._prompt_cache_bytes,
             self._shrink_prompt_cache,
             self._free_unused,
-            config.load_wait_seconds,
+            config.load_wait_timeout,
         )
-        self.prompt_cache_bytes = config.prompt_cache_bytes
+        self.prompt_cache_bytes = config.prompt_cache_size or 0
         self.gguf_cache_dir = config.gguf_cache_dir
         self.gguf_dequantize = config.gguf_dequantize
         self.grammar_tokenizer: GrammarTokenizer | None = None
         self.prompt_store_dir = Path(config.prompt_cache_dir).expanduser()
-        self.prompt_store_bytes = config.prompt_cache_disk_bytes
+        self.prompt_store_bytes = config.prompt_cache_disk or 0
         self.prompt_store: PromptStore | None = None
         self._controller: DeploymentHandle | None = None  # looked up on first use
 

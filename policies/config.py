@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from policies.memory import parse_limit, parse_size
 
@@ -33,7 +33,8 @@ def parse_duration(text: str | float) -> float:
 
 
 def _checked_by(parse: Callable[[Any], Any]) -> AfterValidator:
-    """Keep the value as written (it reads better in logs and /admin) once `parse` accepts it."""
+    """Keep the value as written once `parse` accepts it (a memory limit in percent can only
+    be turned into bytes on the node it applies to)."""
 
     def check(value: Any) -> Any:
         parse(value)
@@ -42,8 +43,9 @@ def _checked_by(parse: Callable[[Any], Any]) -> AfterValidator:
     return AfterValidator(check)
 
 
-Size = Annotated[str | int, _checked_by(parse_size)]
-Duration = Annotated[str | float, _checked_by(parse_duration)]
+# Normalized once, at validation: a size is bytes and a duration seconds from then on.
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 Limit = Annotated[str | int, _checked_by(lambda limit: parse_limit(limit, total_bytes=1))]
 
 
@@ -64,7 +66,7 @@ def placement_name(deployment: str, node: str) -> str:
 
 
 class NodeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$",
@@ -85,7 +87,7 @@ class NodeSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     id: str = Field(min_length=1, description="The name clients send as `model`.")
     path: str = Field(min_length=1, description="A local directory or a hub repo id.")
@@ -113,13 +115,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model id {model_id!r} must be printable with no surrounding spaces")
         return model_id
 
-    @property
-    def memory_bytes(self) -> int | None:
-        return None if self.memory is None else parse_size(self.memory)
 
 
 class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     models: list[ModelSpec] = Field(min_length=1)
     memory_limit: Limit = "75%"
@@ -246,37 +245,13 @@ class AppConfig(BaseModel):
     def node_names(self) -> list[str]:
         return [node.name for node in self.nodes] or [LOCAL_NODE]
 
-    @property
-    def max_request_bytes(self) -> int:
-        return parse_size(self.max_request_size)
 
-    @property
-    def prompt_cache_bytes(self) -> int:
-        return 0 if self.prompt_cache_size is None else parse_size(self.prompt_cache_size)
 
-    @property
-    def prompt_cache_disk_bytes(self) -> int:
-        return 0 if self.prompt_cache_disk is None else parse_size(self.prompt_cache_disk)
 
-    @property
-    def replica_overhead_bytes(self) -> int:
-        return parse_size(self.replica_overhead)
 
-    @property
-    def load_wait_seconds(self) -> float:
-        return parse_duration(self.load_wait_timeout)
 
-    @property
-    def lease_ttl_seconds(self) -> float:
-        return parse_duration(self.lease_ttl)
 
-    @property
-    def request_body_seconds(self) -> float:
-        return parse_duration(self.request_body_timeout)
 
-    @property
-    def responses_ttl_seconds(self) -> float:
-        return parse_duration(self.responses_ttl)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,14 @@ def test_defaults_are_sane():
     assert cfg.image_max_side == 2048
     assert cfg.admin_api_key is None
     assert cfg.models[0].pinned is False
-    assert cfg.models[0].memory_bytes is None
-    assert cfg.max_request_bytes == 32_000_000
-    assert (cfg.lease_ttl_seconds, cfg.request_body_seconds) == (20, 30)
-    assert (cfg.prompt_cache_dir, cfg.prompt_cache_disk_bytes) == ("~/.cache/mlx-fleet/prompt-cache", 2 * 10**9)
-    assert config(prompt_cache_disk=None).prompt_cache_disk_bytes == 0  # nothing saved
+    assert cfg.models[0].memory is None
+    # Sizes are bytes and durations seconds once validated, defaults included.
+    assert cfg.max_request_size == 32_000_000
+    assert (cfg.lease_ttl, cfg.request_body_timeout, cfg.load_wait_timeout) == (20.0, 30.0, 60.0)
+    assert (cfg.prompt_cache_dir, cfg.prompt_cache_disk) == ("~/.cache/mlx-fleet/prompt-cache", 2 * 10**9)
+    assert config(prompt_cache_disk=None).prompt_cache_disk is None  # nothing saved
+    assert config(idle_ttl="5m", image_max_bytes="1 MiB").idle_ttl == 300.0
+    assert config(image_max_bytes="1 MiB").image_max_bytes == 2**20
 
 
 def test_full_model_spec():
@@ -38,7 +41,7 @@ def test_full_model_spec():
         admin_api_key="secret",
     )
     spec = cfg.models[0]
-    assert (spec.pinned, spec.memory_bytes, spec.type, spec.family) == (True, 2_000_000_000, "text-generation", "qwen")
+    assert (spec.pinned, spec.memory, spec.type, spec.family) == (True, 2_000_000_000, "text-generation", "qwen")
 
 
 @pytest.mark.parametrize(
