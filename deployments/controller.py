@@ -34,6 +34,7 @@ from deployments.tasks import SingleFlight, every, spawn
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.adoption import Found, found
+from policies.api_keys import may_not_load
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.errors import (
     ApiError,
@@ -152,10 +153,12 @@ class Controller:
 
     # -- request path -------------------------------------------------------------------------
 
-    async def acquire(self, model_id: str) -> Lease:
-        """A lease on the model once it is loaded, loading it if needed."""
+    async def acquire(self, model_id: str, may_load: bool = True) -> Lease:
+        """A lease on the model once it is loaded, loading it if needed and `may_load`."""
         record = self._record(model_id)
         await self._ready.wait()
+        if record.status != Status.LOADED and not may_load:
+            raise may_not_load(model_id)
         if record.status != Status.LOADED:
             record.waiting += 1
             try:

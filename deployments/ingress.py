@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.logs import refusals_in_one_line
@@ -43,6 +44,7 @@ from policies.errors import (
     validation_error_to_api_error,
 )
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
+from policies.api_keys import ApiKey, KeyRing, KeySlots, give_back_slot, missing_or_wrong_key, presented_key
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 from policies.events import Event, Finish
@@ -81,6 +83,23 @@ def openapi() -> dict[str, Any]:
 
 
 app.openapi = openapi
+
+
+class KeySlotRelease:
+    """Gives an API key's slot back once the request's answer has been sent, streamed ones
+    included (a route returns before its stream is)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            give_back_slot(scope)
+
+
+app.add_middleware(KeySlotRelease)
 T = TypeVar("T")
 ChatRequestT = TypeVar("ChatRequestT", bound=ChatRequest)
 
@@ -237,6 +256,9 @@ class Ingress:
             lease_ttl=config.lease_ttl,
         )
         self.started = int(time.time())
+        self.keys = KeyRing([spec.to_key() for spec in config.api_keys]) if config.api_keys else None
+        self.key_slots = KeySlots()
+        self.key_requests = Counter("fleet_api_key_requests_total", "Requests per API key name.", tag_keys=("key",))
         self._tasks: set[asyncio.Task] = set()
 
     # -- health and catalog -------------------------------------------------------------------
@@ -256,16 +278,21 @@ class Ingress:
         return JSONResponse(refusal.body(), status_code=refusal.status)
 
     @app.get("/v1/models", tags=[OPENAI])
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        caller = self._caller(request)
         statuses = await self.controller.statuses.remote()
         return {
             "object": "list",
-            "data": [self._model_card(entry, statuses[entry.id]) for entry in self.catalog.values()],
+            "data": [
+                self._model_card(entry, statuses[entry.id])
+                for entry in self.catalog.values()
+                if caller is None or caller.allows(entry.id)
+            ],
         }
 
     @app.get("/v1/models/{model_id:path}", tags=[OPENAI])
-    async def get_model(self, model_id: str) -> dict[str, Any]:
-        entry = self._entry(model_id)
+    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
+        entry = self._entry(model_id, caller=self._caller(request))
         statuses = await self.controller.statuses.remote()
         return self._model_card(entry, statuses[entry.id])
 
@@ -289,9 +316,12 @@ class Ingress:
 
     @app.post("/v1/embeddings", tags=[OPENAI], openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> dict[str, Any]:
+        caller = self._caller(request, counted=True)
         body = await self._parse(request, EmbeddingRequest)
-        entry = self._entry(body.model, EMBEDDINGS)
-        lease, embedded = await self._call(entry, lambda model, lease: model.embed.remote(body.texts, lease.id))
+        entry = self._entry(body.model, EMBEDDINGS, caller=caller)
+        lease, embedded = await self._call(
+            entry, lambda model, lease: model.embed.remote(body.texts, lease.id), caller
+        )
         self.leases.release(lease)
         return {
             "object": "list",
@@ -305,8 +335,9 @@ class Ingress:
 
     @app.post("/v1/responses", tags=[OPENAI], openapi_extra=json_body(responses.ResponsesRequest))
     async def create_response(self, request: Request):
+        caller = self._caller(request, counted=True)
         body = await self._parse(request, responses.ResponsesRequest)
-        entry = self._entry(body.model, CHAT, "/v1/responses")
+        entry = self._entry(body.model, CHAT, "/v1/responses", caller)
         earlier = await self._stored_chat(body.previous_response_id)
         images = await self._images(entry, body.image_urls())
         conversation = body.conversation(earlier, self._vision(entry))
@@ -314,17 +345,19 @@ class Ingress:
         warnings = await self._check(entry, job, body, request)
         reply = responses.Reply(entry.id, body)
         store = self._response_storer(reply, body.store, conversation)
-        return await self._respond(entry, job, reply, body.stream, after=store, warnings=warnings)
+        return await self._respond(entry, job, reply, body.stream, caller, after=store, warnings=warnings)
 
     @app.get("/v1/responses/{response_id}", tags=[OPENAI])
-    async def get_response(self, response_id: str) -> dict[str, Any]:
+    async def get_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        self._caller(request)
         record = await self.stored_responses.get(response_id)
         if record is None:
             raise response_not_found(response_id, "response_id")
         return record["response"]
 
     @app.delete("/v1/responses/{response_id}", tags=[OPENAI])
-    async def delete_response(self, response_id: str) -> dict[str, Any]:
+    async def delete_response(self, response_id: str, request: Request) -> dict[str, Any]:
+        self._caller(request)
         if not await self.stored_responses.delete(response_id):
             raise response_not_found(response_id, "response_id")
         return {"id": response_id, "object": "response", "deleted": True}
@@ -339,20 +372,22 @@ class Ingress:
 
     @app.post("/v1/messages/count_tokens", tags=[ANTHROPIC], openapi_extra=json_body(anthropic.CountTokensRequest))
     async def count_tokens(self, request: Request) -> dict[str, int]:
+        caller = self._caller(request, counted=True)
         body = await self._parse(request, anthropic.CountTokensRequest)
-        entry = self._entry(body.model, CHAT, "/v1/messages/count_tokens")
+        entry = self._entry(body.model, CHAT, "/v1/messages/count_tokens", caller)
         if entry.type != "text-generation":
             raise ApiError(400, f"Model {entry.id} cannot count tokens (only text models can)", param="model")
         job = body.to_generation(vision=False, images=[])
         await self._check(entry, job, body, request)
-        lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id))
+        lease, tokens = await self._call(entry, lambda model, lease: model.count_tokens.remote(job, lease.id), caller)
         self.leases.release(lease)
         return {"input_tokens": tokens}
 
     @app.get("/admin/models", tags=[ADMIN])
     async def admin_models(self, request: Request) -> dict[str, Any]:
         self._require_admin(request)
-        return await self.controller.admin_view.remote()
+        view = await self.controller.admin_view.remote()
+        return {**view, "api_keys": self.key_slots.view(self.keys.keys if self.keys else [])}
 
     @app.post("/admin/models/{model_id:path}/load", tags=[ADMIN], openapi_extra=json_body(PreloadRequest, required=False))
     async def admin_load(self, model_id: str, request: Request) -> dict[str, Any]:
@@ -379,6 +414,21 @@ class Ingress:
         # Bytes: compare_digest refuses non-ASCII text, and a header may carry any byte.
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
             raise invalid_admin_key()
+
+    def _caller(self, request: Request, counted: bool = False) -> ApiKey | None:
+        """The API key the request presents; None when the server has no keys. 401 when it
+        presents none that is valid. A `counted` request (one that runs on a model) takes one
+        of the key's `max_concurrent` slots until its answer is sent (`KeySlots`), else 429."""
+        if self.keys is None:
+            return None
+        presented = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        key = self.keys.find(presented)
+        if key is None:
+            raise missing_or_wrong_key(presented is not None)
+        if counted:
+            self.key_slots.take(key, request.scope)
+            self.key_requests.inc(tags={"key": key.name})
+        return key
 
     async def _admin_model(self, model_id: str) -> dict[str, Any]:
         view = await self.controller.admin_view.remote()
@@ -425,12 +475,13 @@ class Ingress:
         """Every generating route but Responses (which needs its stored history first): the
         body parsed, the model chosen, its images fetched, the request checked against the
         model, then answered whole or streamed in the dialect's reply."""
+        caller = self._caller(request, counted=True)
         body = await self._parse(request, schema)
-        entry = self._entry(body.model, capability, path)
+        entry = self._entry(body.model, capability, path, caller)
         images = await self._images(entry, body.image_urls())
         job = body.to_generation(self._vision(entry), images)
         warnings = await self._check(entry, job, body, request)
-        return await self._respond(entry, job, reply_for(entry, body), body.stream, warnings=warnings)
+        return await self._respond(entry, job, reply_for(entry, body), body.stream, caller, warnings=warnings)
 
     async def _check(
         self, entry: ModelEntry, job: GenerationRequest, body: DialectRequest, request: Request
@@ -489,11 +540,14 @@ class Ingress:
 
         return keep
 
-    def _entry(self, model_id: str, endpoint: str | None = None, path: str | None = None) -> ModelEntry:
+    def _entry(
+        self, model_id: str, endpoint: str | None = None, path: str | None = None, caller: ApiKey | None = None
+    ) -> ModelEntry:
         """The model, if it serves `endpoint` (a capability); the refusal names `path`, the
-        route that asked (the Messages and Responses routes need the chat capability)."""
+        route that asked (the Messages and Responses routes need the chat capability). A
+        model the caller's API key may not use does not exist for it."""
         entry = self.catalog.get(model_id)
-        if entry is None:
+        if entry is None or (caller is not None and not caller.allows(model_id)):
             raise model_not_found(model_id)
         if endpoint and endpoint not in self.capabilities[entry.type].endpoints:
             raise ApiError(
@@ -543,15 +597,15 @@ class Ingress:
         return b"".join(chunks)
 
     async def _respond(
-        self, entry: ModelEntry, job: GenerationRequest, reply: Reply, stream: bool, after: Any = None,
-        warnings: list[str] = (),
+        self, entry: ModelEntry, job: GenerationRequest, reply: Reply, stream: bool, caller: ApiKey | None,
+        after: Any = None, warnings: list[str] = (),
     ) -> Any:
         """Generate under a lease and answer in the reply's dialect, whole or streamed.
         `after(events)` runs once the answer is complete (Responses keeps it); `warnings`
         say what the answer leaves out of the request."""
         headers = warning_headers(warnings)
         if not stream:
-            lease, events = await self._call(entry, lambda model, lease: model.generate.remote(job, lease.id))
+            lease, events = await self._call(entry, lambda model, lease: model.generate.remote(job, lease.id), caller)
             self.leases.release(lease)
             body = reply.full(events)
             if after is not None:
@@ -568,7 +622,7 @@ class Ingress:
                 batches.cancel()
                 raise
 
-        lease, (batches, first) = await self._call(entry, open_stream)
+        lease, (batches, first) = await self._call(entry, open_stream, caller)
         stream_body = self._sse(entry.id, lease, first, batches, reply, after)
         self.leases.release_when_collected(stream_body, lease)
         return StreamingResponse(stream_body, media_type="text/event-stream", headers=headers)
@@ -614,7 +668,9 @@ class Ingress:
         if after is not None:
             await after(events)
 
-    async def _call(self, entry: ModelEntry, call: Callable[[DeploymentHandle, Hold], Awaitable[T]]) -> tuple[Hold, T]:
+    async def _call(
+        self, entry: ModelEntry, call: Callable[[DeploymentHandle, Hold], Awaitable[T]], caller: ApiKey | None = None
+    ) -> tuple[Hold, T]:
         """`call(model, lease)` on the model's deployment where the controller placed it,
         under a lease the caller releases.
 
@@ -623,7 +679,7 @@ class Ingress:
         """
         retried = False
         while True:
-            lease = await self.leases.acquire(entry.id)
+            lease = await self.leases.acquire(entry.id, may_load=caller is None or caller.may_load)
             try:
                 return lease, await self.leases.guarded(lease, call(self.models[entry.id][lease.node], lease))
             except LeaseLost:

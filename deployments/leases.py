@@ -89,7 +89,8 @@ class LeaseKeeper:
         self.lease_ttl = lease_ttl
         self.renew_every = lease_ttl / 3
         self._shared: dict[str, _Shared] = {}  # by model id
-        self._granting: dict[str, asyncio.Task] = {}  # one acquire per model at a time
+        # One acquire per model (and kind: may load or not) at a time.
+        self._granting: dict[tuple[str, bool], asyncio.Task] = {}
         self._renewer: asyncio.Task | None = None
         self._renewing: asyncio.Task | None = None  # one renewal at a time for waiting calls
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references
@@ -99,8 +100,9 @@ class LeaseKeeper:
     def held(self) -> int:
         return len(self._shared)
 
-    async def acquire(self, model_id: str) -> Hold:
-        """A hold on the model's lease, once the model is loaded.
+    async def acquire(self, model_id: str, may_load: bool = True) -> Hold:
+        """A hold on the model's lease, once the model is loaded (without `may_load`, only if
+        it is loaded already: else 503 model_not_loaded).
 
         If the request is cancelled (client gone) while a grant is on its way, the grant
         still arrives and is shared or given back, never lost. A request waits at most
@@ -116,10 +118,11 @@ class LeaseKeeper:
             if shared is not None:
                 self._keep_renewing()  # a watchdog: a renewer that died is started again
                 return self._hold(shared)
-            grant = self._granting.get(model_id)
+            # A request that may not load must not join a grant that loads, nor the reverse.
+            grant = self._granting.get((model_id, may_load))
             if grant is None:
-                grant = self._spawn(self._grant(model_id))
-                self._granting[model_id] = grant
+                grant = self._spawn(self._grant(model_id, may_load))
+                self._granting[(model_id, may_load)] = grant
             # A registered grant is never finished (it unregisters itself in its last step),
             # so this always suspends: a loop around a finished future would never yield.
             try:
@@ -165,14 +168,17 @@ class LeaseKeeper:
         shared.holds += 1
         return Hold(shared.lease)
 
-    async def _grant(self, model_id: str) -> None:
+    async def _grant(self, model_id: str, may_load: bool) -> None:
         """Ask the controller, then share the lease. The state changes in the task's own
         last step, not in a done-callback: a request arriving between the two would find a
         finished grant and no lease."""
         try:
-            lease = await self._acquire(model_id)
+            lease = await self._acquire(model_id, may_load)
         finally:
-            del self._granting[model_id]
+            del self._granting[(model_id, may_load)]
+        if model_id in self._shared:  # the other kind of grant came first: share that one
+            self._spawn(self._send_release(lease))
+            return
         shared = _Shared(lease, self._loop.create_future(), renewed=time.monotonic())
         self._shared[model_id] = shared
         # Until a waiting request takes a hold, the lease lingers like an idle one.
@@ -189,11 +195,11 @@ class LeaseKeeper:
         del self._shared[shared.lease.model]
         self._spawn(self._send_release(shared.lease))
 
-    async def _acquire(self, model_id: str) -> Lease:
+    async def _acquire(self, model_id: str, may_load: bool) -> Lease:
         deadline = time.monotonic() + self.acquire_timeout
         while True:
             try:
-                return await self.controller.acquire.remote(model_id)
+                return await self.controller.acquire.remote(model_id, may_load)
             except Exception as error:
                 if not controller_gone(error):
                     raise

@@ -6,10 +6,14 @@ import platform
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Callable
+
+import yaml
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from policies.api_keys import ApiKey, digest
 from policies.memory import parse_limit, parse_size
 
 # Names of the application's own deployments; a model id may not take them.
@@ -117,6 +121,41 @@ class ModelSpec(BaseModel):
 
 
 
+class ApiKeySpec(BaseModel):
+    """One API key (`api_keys`): the key itself or its SHA-256 (hex), so the config need hold
+    no secret."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    name: str = Field(min_length=1, description="Shown in metrics, /admin and logs; never the key.")
+    key: str | None = Field(default=None, min_length=1)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    models: list[str] = Field(default=["*"], min_length=1, description="Model ids or glob patterns it may use.")
+    may_load: bool = Field(default=True, description="False: only models loaded already serve it.")
+    max_concurrent: int | None = Field(default=None, ge=1, description="Requests at once; more get 429.")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> "ApiKeySpec":
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"api key {self.name!r}: give exactly one of `key` and `key_sha256`")
+        return self
+
+    def to_key(self) -> ApiKey:
+        sha = bytes.fromhex(self.key_sha256) if self.key_sha256 else digest(self.key.encode())
+        return ApiKey(self.name, sha, tuple(self.models), self.may_load, self.max_concurrent)
+
+
+def _read_key_file(value: Any) -> Any:
+    """`api_keys` may name a YAML file holding the list (kept out of the Serve config)."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"api_keys: cannot read {value!r}: {error.strerror}") from None
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -135,6 +174,11 @@ class AppConfig(BaseModel):
         description="Hosts, IPs or CIDR networks image URLs may reach although private (LAN).",
     )
     admin_api_key: str | None = None
+    api_keys: Annotated[list[ApiKeySpec] | None, BeforeValidator(_read_key_file)] = Field(
+        default=None,
+        description="Keys for the inference API (a list, or a YAML file with one); none: open to "
+        "anyone who reaches the port.",
+    )
     allow_download: bool = Field(
         default=False, description="Download hub models missing from the local cache at load."
     )
@@ -233,6 +277,9 @@ class AppConfig(BaseModel):
         names = [node.name for node in self.nodes]
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique, got {names}")
+        keys = [spec.to_key() for spec in self.api_keys or []]
+        if len({k.name for k in keys}) != len(keys) or len({k.sha256 for k in keys}) != len(keys):
+            raise ValueError("api_keys: each key needs a name and a key of its own")
         for spec in self.models:
             if spec.node is not None and spec.node not in names:
                 raise ValueError(

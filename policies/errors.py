@@ -32,6 +32,8 @@ class ErrorCode(StrEnum):
     MODEL_UNLOAD_FAILED = "model_unload_failed"
     NOT_READY = "not_ready"
     MODEL_BUSY = "model_busy"
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
+    MODEL_NOT_LOADED = "model_not_loaded"
 
 
 class ApiError(Exception):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from graph import ConfigError, build_catalog, load_config
 from policies.config import ModelEntry, deployment_name
@@ -153,3 +155,30 @@ def test_a_type_no_deployment_serves_is_a_clear_error(tmp_path):
     path = write_model(tmp_path / "m", {"model_type": "llama"})
     with pytest.raises(ConfigError, match="audio-magic model.*cannot serve; set `type:` to one of: text-generation"):
         build_catalog(config(models=[{"id": "q", "path": path, "type": "audio-magic"}]))
+
+
+def test_api_keys_are_validated_and_may_come_from_a_file(tmp_path):
+    import hashlib
+
+    from policies.api_keys import KeyRing, presented_key
+
+    listed = [{"name": "a", "key": "k1", "models": ["tiny-*"]}, {"name": "b", "key_sha256": hashlib.sha256(b"k2").hexdigest()}]
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump(listed))
+    for given in (listed, str(path)):
+        ring = KeyRing([spec.to_key() for spec in config(api_keys=given).api_keys])
+        assert ring.find(b"k1").name == "a" and ring.find(b"k2").name == "b"
+        assert ring.find(b"k3") is None and ring.find(None) is None
+        assert ring.find(b"k1").allows("tiny-llama") and not ring.find(b"k1").allows("smollm2")
+    assert presented_key("Bearer k1", None) == b"k1" and presented_key(None, "k2") == b"k2"
+    assert presented_key("Basic k1", None) is None and presented_key("Bearer ключ".encode().decode("latin-1"), None)
+    for bad, words in (
+        ([{"name": "a"}], "exactly one of `key` and `key_sha256`"),
+        ([{"name": "a", "key": "x", "key_sha256": "0" * 64}], "exactly one"),
+        ([{"name": "a", "key_sha256": "xyz"}], "key_sha256"),
+        ([{"name": "a", "key": "x"}, {"name": "a", "key": "y"}], "a key of its own"),
+        ([{"name": "a", "key": "x"}, {"name": "b", "key": "x"}], "a key of its own"),
+        (str(tmp_path / "missing.yaml"), "cannot read"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            config(api_keys=bad)

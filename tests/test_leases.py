@@ -30,7 +30,7 @@ class Controller:
         self.release = Method(self._release)
         self.renew = Method(self._renew)
 
-    async def _acquire(self, model: str) -> Lease:
+    async def _acquire(self, model: str, may_load: bool = True) -> Lease:
         await asyncio.sleep(0.01)
         lease = Lease(f"lease-{next(self.ids)}", model, ttl=3)
         self.granted.append(lease)
@@ -122,7 +122,7 @@ def test_a_request_arriving_as_the_grant_completes_waits_instead_of_spinning():
     async def test(controller, keeper):
         granted = asyncio.get_running_loop().create_future()
 
-        async def slow_acquire(model):
+        async def slow_acquire(model, may_load=True):
             lease = await granted
             controller.granted.append(lease)
             return lease
@@ -160,7 +160,7 @@ def test_a_request_waits_for_its_model_at_most_acquire_timeout():
     from policies.errors import ApiError
 
     async def test(controller, keeper):
-        async def never(model):
+        async def never(model, may_load=True):
             await asyncio.sleep(3600)
 
         controller.acquire = Method(never)
