@@ -34,11 +34,11 @@ from deployments.tasks import SingleFlight, every, spawn
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.adoption import Found, found
-from policies.api_keys import may_not_load
 from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
 from policies.errors import (
     ApiError,
     model_busy,
+    may_not_load,
     model_load_failed,
     model_not_found,
     model_unload_failed,

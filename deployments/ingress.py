@@ -35,6 +35,7 @@ from policies.errors import (
     ApiError,
     find_api_error,
     invalid_admin_key,
+    missing_or_wrong_key,
     model_not_found,
     not_ready,
     replica_lost,
@@ -44,7 +45,7 @@ from policies.errors import (
     validation_error_to_api_error,
 )
 from dialects.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, PreloadRequest, encode_vector
-from policies.api_keys import ApiKey, KeyRing, KeySlots, give_back_slot, missing_or_wrong_key, presented_key
+from policies.api_keys import ApiKey, KeyRing, KeySlots, bearer_token, give_back_slot, presented_key
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 from policies.events import Event, Finish
@@ -410,9 +411,9 @@ class Ingress:
         key = self.config.admin_api_key
         if key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # Bytes: compare_digest refuses non-ASCII text, and a header may carry any byte.
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None or not secrets.compare_digest(token, key.encode()):
             raise invalid_admin_key()
 
     def _caller(self, request: Request, counted: bool = False) -> ApiKey | None:

@@ -13,7 +13,7 @@ import hmac
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from policies.errors import ApiError, ErrorCode
+from policies.errors import too_many_requests
 
 
 @dataclass(frozen=True)
@@ -49,49 +49,19 @@ class KeyRing:
         return found
 
 
+def bearer_token(authorization: str | None) -> bytes | None:
+    """The token of `Authorization: Bearer <token>`, as the bytes the client sent: HTTP
+    libraries hand header values over as Latin-1 text, which gives those bytes back."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip().encode("latin-1") if scheme.lower() == "bearer" and token.strip() else None
+
+
 def presented_key(authorization: str | None, x_api_key: str | None) -> bytes | None:
     """The key a request carries: `Authorization: Bearer <key>` (OpenAI's clients) or
-    `x-api-key: <key>` (Anthropic's). Header values are bytes; HTTP libraries hand them over
-    as Latin-1 text, which gives those bytes back unchanged."""
+    `x-api-key: <key>` (Anthropic's)."""
     if x_api_key:
         return x_api_key.strip().encode("latin-1")
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip().encode("latin-1")
-    return None
-
-
-def missing_or_wrong_key(presented: bool) -> ApiError:
-    what = "The API key is not valid" if presented else "This server needs an API key"
-    return ApiError(
-        401,
-        f"{what}: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
-        "authentication_error",
-        code=ErrorCode.INVALID_API_KEY,
-    )
-
-
-def too_many_requests(key: ApiKey) -> ApiError:
-    return ApiError(
-        429,
-        f"API key {key.name!r} already runs {key.max_concurrent} request(s), its max_concurrent; "
-        "retry when one has finished",
-        "rate_limit_error",
-        code=ErrorCode.RATE_LIMIT_EXCEEDED,
-        headers={"retry-after": "1"},
-    )
-
-
-def may_not_load(model_id: str) -> ApiError:
-    return ApiError(
-        503,
-        f"Model {model_id} is not loaded, and this request's API key may not load models "
-        "(may_load: false); use a loaded model or ask an operator to load it",
-        "model_not_loaded",
-        param="model",
-        code=ErrorCode.MODEL_NOT_LOADED,
-        headers={"x-should-retry": "false"},
-    )
+    return bearer_token(authorization)
 
 
 # Where a request's slot is noted in its ASGI scope, for the middleware that gives it back.
@@ -109,7 +79,7 @@ class KeySlots:
     def take(self, key: ApiKey, scope: dict) -> None:
         active = self.active.get(key.name, 0)
         if key.max_concurrent is not None and active >= key.max_concurrent:
-            raise too_many_requests(key)
+            raise too_many_requests(key.name, key.max_concurrent)
         self.active[key.name] = active + 1
         self.requests[key.name] = self.requests.get(key.name, 0) + 1
         scope[SLOT_SCOPE_KEY] = (self, key.name)

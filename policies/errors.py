@@ -116,6 +116,41 @@ def invalid_admin_key() -> ApiError:
     )
 
 
+def missing_or_wrong_key(presented: bool) -> ApiError:
+    """The inference API, with `api_keys` set, without a valid one (`presented`: a key came)."""
+    what = "The API key is not valid" if presented else "This server needs an API key"
+    return ApiError(
+        401,
+        f"{what}: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+        "authentication_error",
+        code=ErrorCode.INVALID_API_KEY,
+    )
+
+
+def too_many_requests(key_name: str, max_concurrent: int) -> ApiError:
+    return ApiError(
+        429,
+        f"API key {key_name!r} already runs {max_concurrent} request(s), its max_concurrent; "
+        "retry when one has finished",
+        "rate_limit_error",
+        code=ErrorCode.RATE_LIMIT_EXCEEDED,
+        headers={"retry-after": "1"},
+    )
+
+
+def may_not_load(model_id: str) -> ApiError:
+    """A request whose API key has `may_load: false`, for a model that is not loaded."""
+    return ApiError(
+        503,
+        f"Model {model_id} is not loaded, and this request's API key may not load models "
+        "(may_load: false); use a loaded model or ask an operator to load it",
+        "model_not_loaded",
+        param="model",
+        code=ErrorCode.MODEL_NOT_LOADED,
+        headers={"x-should-retry": "false"},
+    )
+
+
 def request_too_large(limit: int) -> ApiError:
     return ApiError(
         413,
