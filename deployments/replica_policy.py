@@ -12,6 +12,7 @@ only to deployments in it, so stale request metrics can never undo an eviction.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -37,14 +38,18 @@ class ReplicaTargets:
     def __init__(self, app_name: str):
         self.app_name = app_name
         self.wanted: dict[str, int] = read_targets(app_name, cached=False)
+        # Sets come from several threads at once (an eviction's scale-down beside a load's
+        # scale-up): a snapshot taken before another set's must never be written after it.
+        self._writing = threading.Lock()
 
     def set(self, counts: dict[str, int]) -> None:
         """Set these deployments' counts (one write, whatever their number)."""
         from ray.experimental import internal_kv
 
-        self.wanted.update(counts)
-        value = json.dumps(self.wanted).encode()
-        internal_kv._internal_kv_put(targets_key(self.app_name), value, overwrite=True, namespace=KV_NAMESPACE)
+        with self._writing:
+            self.wanted.update(counts)
+            value = json.dumps(self.wanted).encode()
+            internal_kv._internal_kv_put(targets_key(self.app_name), value, overwrite=True, namespace=KV_NAMESPACE)
 
 
 _read: dict[str, tuple[float, dict[str, int]]] = {}

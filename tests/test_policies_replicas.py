@@ -40,3 +40,25 @@ def test_the_policy_answers_only_for_deployments_to_change(monkeypatch):
     }
     decisions, _ = replica_policy.fleet_replicas(contexts)
     assert decisions == {DeploymentID("a"): 1, DeploymentID("b"): 0}
+
+
+def test_concurrent_counts_reach_the_store_in_order(ray_cluster):
+    """The controller sets counts from several threads at once (an eviction's scale-down
+    beside a load's scale-up): the stored counts are always the last ones set. A stale
+    snapshot written last once left a model at 0 while its load waited for a replica."""
+    import asyncio
+
+    targets = replica_policy.ReplicaTargets("concurrent-counts-test")
+
+    async def flip_many() -> None:
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(targets.set, {f"model-{i % 7}": round % 2})
+                for round in range(4)
+                for i in range(40)
+            )
+        )
+
+    for _ in range(5):
+        asyncio.run(flip_many())
+        assert replica_policy.read_targets("concurrent-counts-test", cached=False) == targets.wanted
