@@ -2,7 +2,8 @@
 
 Its bookkeeping is `policies.ledger.Ledger` (statuses, costs, leases, admission); this
 deployment does the slow work the ledger's decisions call for: scaling model deployments
-between zero and one replica, loading weights, checking on replicas, expiring leases.
+between zero and one replica and loading their weights (`deployments.placements`), checking
+on replicas, expiring leases.
 
 An ingress holds a lease on a model while it has requests for it (they share it), from
 `acquire` until shortly after the last one ends. Acquire returns once the model's replica is
@@ -27,14 +28,14 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.fleet_metrics import fleet_metrics, publish_gauges
 from deployments.logs import refusals_in_one_line
-from deployments.model_server import ReplicaState
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
-from deployments.scaler import SCALE_TIMEOUT_SECONDS, ReplicaScaler
-from deployments.tasks import SingleFlight, every, spawn
+from deployments.placements import Placements
+from deployments.scaler import ReplicaScaler
+from deployments.tasks import Changes, SingleFlight, every, spawn
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.adoption import Found, found
-from policies.config import CONTROLLER_NAME, LOCAL_NODE, AppConfig, ModelEntry, placement_name
+from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.errors import (
     ApiError,
     model_busy,
@@ -55,9 +56,8 @@ from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose,
 logger = module_logger(__name__)
 
 # How often loaded models' replicas are asked whether they still hold their weights (Serve
-# restarts a dead replica without them), and how long one answer may take.
+# restarts a dead replica without them).
 REPLICA_CHECK_SECONDS = 10.0
-REPLICA_ANSWER_SECONDS = 10.0
 # Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
 # default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
 GAUGE_REPUBLISH_SECONDS = 5.0
@@ -104,7 +104,7 @@ class Controller:
         refusals_in_one_line()
         effects = effects or Effects.of_replica(config)
         self.config = config
-        self.models = models  # {model id: {node: its deployment there}}
+        self.placements = Placements(effects.scaler, models)
         several = bool(config.nodes)
         self.ledger = Ledger(
             0 if several else effects.memory_limit(config.memory_limit),
@@ -125,13 +125,11 @@ class Controller:
             if several
             else None
         )
-        self._gone: dict[str, asyncio.Future] = {}
-        self.scaler = effects.scaler
         self.warm = effects.warm
         self.metrics = effects.metrics
         self._os_free = effects.free_memory
         # Signalled whenever memory, leases or statuses change: waiters re-check.
-        self._changed = asyncio.Condition()
+        self.changes = Changes(self._update_gauges)
         self._loading, self._unloading, self._checking = SingleFlight(), SingleFlight(), SingleFlight()
         self._ready = asyncio.Event()
         self._background = [
@@ -139,7 +137,7 @@ class Controller:
             *([self._every(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
             self._every(self._expire_leases, config.lease_ttl / 4),
             self._every(self._check_replicas, REPLICA_CHECK_SECONDS),
-            self._every(self._republish_gauges, GAUGE_REPUBLISH_SECONDS),
+            self._every(self._update_gauges, GAUGE_REPUBLISH_SECONDS),
         ]
         ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
         if ttls:
@@ -169,7 +167,7 @@ class Controller:
 
     async def release(self, lease_id: str) -> None:
         if self.ledger.release(lease_id, time.time()) is not None:
-            await self._notify()
+            await self.changes.notify()
 
     async def renew(self, leases: dict[str, str]) -> list[str]:
         """Extend the leases an ingress still uses ({lease id: model id}); the ones it has
@@ -199,7 +197,7 @@ class Controller:
         if not granted:
             return None
         if ask.held != before:
-            await self._notify()
+            await self.changes.notify()
         return ask.held
 
     async def check_replica(self, model_id: str) -> None:
@@ -271,7 +269,7 @@ class Controller:
                     else f"is still leased for requests by {len(record.leases)} ingress replica(s)"
                 )
                 raise model_busy(model_id, doing, self.config.load_wait_timeout)
-            await self._wait_for_change(remaining)
+            await self.changes.wait(remaining)
 
     # -- loading and eviction -------------------------------------------------------------------
 
@@ -310,16 +308,12 @@ class Controller:
             node = record.node
             if node is None:  # its node left while room was made there: place it again
                 continue
+            gone = self.monitor.gone(node) if self.monitor else asyncio.get_running_loop().create_future()
             try:
-                await self.scaler.scale(self._deployment(record), 1)
-                # The call waits in Serve's router until the replica can take it: no polling for
-                # the replica to run, the load starts the moment it does.
+                await self.placements.start(record)
                 if record.node != node:  # it left while the replica was being asked for
                     continue
-                report = await unless(
-                    self._node_gone(node),
-                    asyncio.wait_for(self._handle(record).load.remote(), SCALE_TIMEOUT_SECONDS),
-                )
+                report = await unless(gone, self.placements.load(record))
             except Exception as error:
                 if record.node != node:  # the ledger has unloaded it with its node
                     logger.warning("node %s left while model %s was loading there; placing it again", node, model_id)
@@ -351,7 +345,7 @@ class Controller:
             format_gb(self.ledger.used(node)),
             format_gb(self.ledger.nodes[node].limit),
         )
-        await self._notify()
+        await self.changes.notify()
 
     async def _make_room(
         self,
@@ -384,7 +378,7 @@ class Controller:
                         "model %s waits for busy models to finish (%s); up to %.0f s more",
                         model_id, decision.message, remaining,
                     )
-                await self._wait_for_change(remaining)
+                await self.changes.wait(remaining)
                 continue
             if not decision.victims:
                 self._update_gauges()
@@ -396,7 +390,7 @@ class Controller:
             if failed:
                 if kind == ClaimKind.LOAD:  # admitted with its victims: it is not loading after all
                     self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
-                    await self._notify()
+                    await self.changes.notify()
                 raise eviction_failed(kind, model_id, failed)
             if kind == ClaimKind.LOAD:  # a load's room was claimed with its victims; KV asks again
                 self._update_gauges()
@@ -423,12 +417,11 @@ class Controller:
         return self._unloading.start(model_id, self._scale_to_zero(model_id, reason))
 
     async def _scale_to_zero(self, model_id: str, reason: str) -> None:
-        """Stop the model's replica; a text model's replica saves its prompt cache on the way
-        out (`TextModel.__del__`, within Serve's graceful shutdown), so this waits for that
-        too. If Serve does not get there, the ledger takes what Serve really runs."""
+        """Stop the model's replica (a text model's saves its prompt cache on the way out).
+        If Serve does not get there, the ledger takes what Serve really runs."""
         record = self.ledger[model_id]
         try:
-            seconds = await self.scaler.scale_and_wait(self._deployment(record), 0)
+            seconds = await self.placements.stop(record)
             if record.status != Status.UNLOADING:
                 return  # its node left meanwhile, and the ledger let it go with it
         except Exception as error:
@@ -450,12 +443,12 @@ class Controller:
                 format_gb(self.ledger.limit),
             )
         finally:
-            await self._notify()
+            await self.changes.notify()
 
     async def _restore_from_serve(self, model_id: str, why: str) -> None:
         """After a scaling call failed: loaded if a replica still holds the weights, else unloaded."""
         record = self.ledger[model_id]
-        state = await self._replica_state(model_id) if await self._has_running_replica(record) else None
+        state = await self.placements.state(record) if await self.placements.is_running(record) else None
         if state is not None and state.weights == "loaded":
             self.ledger.restore(model_id, Status.LOADED, f"{why}; its replica still holds the weights")
         else:
@@ -478,8 +471,8 @@ class Controller:
     async def _check_replica(self, model_id: str) -> None:
         """Reload a model whose replica Serve replaced (it starts without weights), or take
         note that the replacement loaded them already for a request."""
-        state = await self._replica_state(model_id)
         record = self.ledger[model_id]
+        state = await self.placements.state(record)
         if state is None or record.status != Status.LOADED:
             return  # no answer yet (a replica restarting answers later), or nothing to do
         if state.usage is not None:
@@ -492,24 +485,11 @@ class Controller:
                 self.metrics["loads"].inc(tags={"model": model_id})
             return
         self.ledger.begin_reload(model_id, "its replica was replaced without weights (it died?)")
-        await self._notify()
+        await self.changes.notify()
         try:
             await asyncio.shield(self._loading.join(model_id, self._load))
         except ApiError as error:
             logger.error("reloading model %s failed: %s", model_id, error.message)
-
-    async def _replica_state(self, model_id: str, node: str | None = None) -> ReplicaState | None:
-        """The state of the model's replica on `node` (default: where the ledger has it)."""
-        try:
-            return await asyncio.wait_for(
-                self._handle(self.ledger[model_id], node).state.remote(), REPLICA_ANSWER_SECONDS
-            )
-        except Exception as error:  # dead, restarting or stuck: the caller decides
-            logger.info("model %s's replica did not answer: %r", model_id, error)
-            return None
-
-    async def _has_running_replica(self, record: ModelRecord) -> bool:
-        return (await self.scaler.running()).get(self._deployment(record), 0) > 0
 
     # -- start, restart and expiry --------------------------------------------------------------
 
@@ -525,26 +505,14 @@ class Controller:
         """
         if self.monitor:
             await self.monitor.check()
-        await self.scaler.wait_until_app_settled()
-        replicas = await self.scaler.replica_states()
+        await self.placements.scaler.wait_until_app_settled()
+        records = list(self.ledger.models.values())
         now = time.time()
-        placements = [
-            (record, node, replicas.get(self._deployment(record, node), {}))
-            for record in self.ledger.models.values()
-            for node in self.models[record.id]
-        ]
-        states = await asyncio.gather(
-            *(
-                self._replica_state(record.id, node) if counts.get(ReplicaScaler.RUNNING) else asyncio.sleep(0)
-                for record, node, counts in placements
-            )
-        )
-        for (record, node, counts), state in zip(placements, states):
-            running = counts.get(ReplicaScaler.RUNNING, 0)
-            starting = sum(counts.values()) - running - counts.get(ReplicaScaler.STOPPING, 0)
+        for seen in await self.placements.survey(records):
+            record, node, state = seen.record, seen.node, seen.state
             if record.status != Status.UNLOADED or not self.ledger.nodes[node].alive:
                 continue  # found on another node already, or its node is not here
-            kind = found(running, starting, state.weights if state is not None else None)
+            kind = found(seen.running, seen.starting, state.weights if state is not None else None)
             if kind in (Found.LOADED, Found.LOADING):
                 status = Status.LOADED if kind == Found.LOADED else Status.LOADING
                 measured = state.report.measured() if state.report else None
@@ -553,13 +521,7 @@ class Controller:
                     self.ledger.report_usage(record.id, state.usage)
             elif kind == Found.STARTING:  # the load a previous controller began finishes here
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
-        await self.scaler.scale_all(
-            {
-                self._deployment(record, node): int(record.holds_memory and record.node == node)
-                for record, node, _ in placements
-            }
-        )
-        records = list(self.ledger.models.values())
+        await self.placements.keep_only(records)
         for record in records:
             if record.status == Status.LOADING:
                 self._loading.join(record.id, self._load)
@@ -570,19 +532,12 @@ class Controller:
             [r.id for r in records if r.holds_memory] or "no loaded models",
         )
         self._ready.set()
-        await self._notify()
-        await self._warm_every_node()
+        await self.changes.notify()
+        if self.warm:  # one on each node present (None: this machine)
+            nodes = self.ledger.nodes.values()
+            for node_id in [n.node_id for n in nodes if n.alive and n.node_id] if self.monitor else [None]:
+                await self.warm.warm(node_id)
         await self._load_pinned()
-
-    async def _warm_every_node(self) -> None:
-        if self.warm is None:
-            return
-        if not self.monitor:
-            await self.warm.warm(None)
-            return
-        for node in self.ledger.nodes.values():
-            if node.alive and node.node_id:
-                await self.warm.warm(node.node_id)
 
     async def _load_pinned(self) -> None:
         for record in self.ledger.models.values():
@@ -602,7 +557,7 @@ class Controller:
                 lease.model,
             )
         if expired:
-            await self._notify()
+            await self.changes.notify()
 
     async def _expire_idle(self) -> None:
         expired = self.ledger.take_idle(time.time())
@@ -616,25 +571,13 @@ class Controller:
 
     # -- nodes ----------------------------------------------------------------------------------
 
-    def _deployment(self, record: ModelRecord, node: str | None = None) -> str:
-        return placement_name(record.entry.deployment, node or record.node or LOCAL_NODE)
-
-    def _handle(self, record: ModelRecord, node: str | None = None) -> DeploymentHandle:
-        return self.models[record.id][node or record.node or LOCAL_NODE]
-
     def _free(self) -> Free:
         """What each node's OS reports free: measured here on one machine, by the probes on several."""
         return self.monitor.free if self.monitor else self._os_free()
 
-    def _node_gone(self, node: str) -> asyncio.Future:
-        """Resolved when `node` leaves the cluster: a call waiting for a replica there would
-        wait for good. The caller checks that it is there now."""
-        return self._gone.setdefault(node, asyncio.get_running_loop().create_future())
-
     async def _node_joined(self, node: PresentNode, budget: int) -> None:
         self.ledger.join(node.name, node.node_id, node.labels, budget)
-        self._gone.pop(node.name, None)
-        await self._notify()
+        await self.changes.notify()
         if self._ready.is_set():  # at start, `_start` loads them once every node is found
             if self.warm:
                 spawn(self.warm.warm(node.node_id))
@@ -645,34 +588,17 @@ class Controller:
         there go to zero, so that a node coming back starts with nothing."""
         lost = self.ledger.lose(name, time.time())
         self.metrics["lost_nodes"].inc(tags={"node": name})
-        gone = self._gone.pop(name, None)
-        if gone is not None and not gone.done():
-            gone.set_result(None)
-        for model_id in self.models:
-            if name in self.models[model_id]:
-                spawn(self.scaler.scale(self._deployment(self.ledger[model_id], name), 0))
+        for record in self.ledger.models.values():
+            if name in self.placements.nodes(record.id):
+                spawn(self.placements.stop_on(record, name))
         if lost:
             logger.warning("models unloaded with node %s: %s", name, ", ".join(lost))
-        await self._notify()
+        await self.changes.notify()
 
     # -- accounting -----------------------------------------------------------------------------
-
-    async def _wait_for_change(self, timeout: float) -> None:
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
 
     def _update_gauges(self) -> None:
         publish_gauges(self.metrics, self.ledger, several_nodes=self.monitor is not None)
 
-    async def _republish_gauges(self) -> None:
-        self._update_gauges()
-
-    async def _notify(self) -> None:
-        self._update_gauges()
-        async with self._changed:
-            self._changed.notify_all()
 
 

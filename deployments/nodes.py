@@ -87,6 +87,7 @@ class NodeMonitor:
         self.on_lose = on_lose
         self._watched: dict[str, _Watched] = {}
         self._unreachable: dict[str, float] = {}  # Ray node id -> when it last failed us
+        self._gone: dict[str, asyncio.Future] = {}
 
     @property
     def free(self) -> dict[str, int]:
@@ -108,6 +109,11 @@ class NodeMonitor:
             *(self._ask(name) for name in list(self._watched)),
         )
 
+    def gone(self, name: str) -> asyncio.Future:
+        """Resolved when node `name` leaves: a call waiting for a replica there would wait
+        for good. The caller checks that it is there now."""
+        return self._gone.setdefault(name, asyncio.get_running_loop().create_future())
+
     async def confirm(self, name: str) -> bool:
         """Whether the node still answers now (asked when a replica there died)."""
         if name not in self._watched:
@@ -122,6 +128,9 @@ class NodeMonitor:
         logger.warning("node %s (%s) left the fleet: %s", name, watched.present.node_id, why)
         self._unreachable[watched.present.node_id] = time.monotonic()
         ray.kill(watched.probe)  # if it still lives somewhere, it must not linger
+        gone = self._gone.pop(name, None)
+        if gone is not None and not gone.done():
+            gone.set_result(None)
         await self.on_lose(name)
 
     async def _join(self, node: PresentNode) -> None:

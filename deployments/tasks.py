@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 from typing import Any, Awaitable, Callable
 
 from policies.logs import module_logger
@@ -63,12 +64,36 @@ class SingleFlight:
         return task
 
 
-async def every(work: Callable[[], Awaitable[None]], seconds: float, after: asyncio.Event) -> None:
+class Changes:
+    """What waiters wait on: they re-check their condition after each change. `on_change`
+    runs first (the gauges show the state that woke them)."""
+
+    def __init__(self, on_change: Callable[[], None]):
+        self.on_change = on_change
+        self._condition = asyncio.Condition()
+
+    async def notify(self) -> None:
+        self.on_change()
+        async with self._condition:
+            self._condition.notify_all()
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next change, or `timeout` seconds."""
+        async with self._condition:
+            try:
+                await asyncio.wait_for(self._condition.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def every(work: Callable[[], Awaitable[None] | None], seconds: float, after: asyncio.Event) -> None:
     """Run `work` every `seconds` once `after` is set; one failed round does not end it."""
     await after.wait()
     while True:
         await asyncio.sleep(seconds)
         try:
-            await work()
+            done = work()
+            if inspect.isawaitable(done):
+                await done
         except Exception:
             logger.exception("task %s failed; next round in %.1f s", work.__name__, seconds)

@@ -758,8 +758,37 @@ def text_builder(family: str, dims: Dict) -> Callable[[Path, str], None]:
     return lambda out, name: build_text_model(out, name, FAMILIES[family], dims)
 
 
+def lora_builder(base: str, seed: int, rank: int = 4, scale: float = 4.0) -> Callable[[Path, str], None]:
+    """A LoRA adapter of a demo model (built first), as `mlx_lm.lora` saves one: mlx-lm's own
+    LoRA layers on every linear layer of every block, with random A and B matrices (its B
+    starts at zero, which would change nothing)."""
+
+    def build(out: Path, name: str) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm import load
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        model, _ = load(str(out.parent / base))
+        model.freeze()
+        parameters = {"rank": rank, "scale": scale, "dropout": 0.0}
+        linear_to_lora_layers(model, len(model.layers), parameters)
+        mx.random.seed(seed)
+        weights = {
+            key: (mx.random.normal(value.shape) / value.shape[0] ** 0.5).astype(value.dtype)
+            for key, value in tree_flatten(model.trainable_parameters())
+        }
+        mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+        config = {"fine_tune_type": "lora", "num_layers": len(model.layers), "lora_parameters": parameters}
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return build
+
+
 MODELS: Dict[str, Callable[[Path, str], None]] = {
     "tiny-llama": text_builder("llama", TINY_DIMS),
+    "tiny-llama-lora-a": lora_builder("tiny-llama", seed=1),  # LoRA adapters of tiny-llama
+    "tiny-llama-lora-b": lora_builder("tiny-llama", seed=2),
     "tiny-qwen2": text_builder("qwen2", TINY_DIMS),
     "tiny-qwen3": text_builder("qwen3", TINY_DIMS),
     "tiny-mistral": text_builder("mistral", TINY_DIMS),
