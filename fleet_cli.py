@@ -141,14 +141,21 @@ def model_columns(m: dict) -> list:
     return [m["id"], m["type"], m["family"], m["status"], "yes" if m["pinned"] else "no"]
 
 
+def under_their_base(shown: list[dict]) -> list[dict]:
+    """Each LoRA adapter right after its base (one without its base shown ends the list)."""
+    bases = [m for m in shown if not m.get("base")]
+    ordered = [row for base in bases for row in (base, *(m for m in shown if m.get("base") == base["id"]))]
+    return ordered + [m for m in shown if m not in ordered]
+
+
 def ps(args: argparse.Namespace) -> str:
     view = Server(args).get("/admin/models")
     now = time.time()
-    shown = [m for m in view["models"] if args.all or m["status"] != "unloaded"]
+    shown = under_their_base([m for m in view["models"] if args.all or m["status"] != "unloaded"])
     several = len(view["nodes"]) > 1
     rows = [
         [
-            *model_columns(m),
+            *model_columns({**m, "id": f"└ {m['id']}"} if m.get("base") else m),
             *([m["node"] or "-"] if several else []),
             size(m["memory_bytes"]),
             memory_parts(m),

@@ -12,7 +12,7 @@ counts, which the application's autoscaling policy hands to Serve (`deployments.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from deployments.ingress import Ingress
 from deployments.registry import MODEL_KINDS, ModelKind
 from deployments.replica_policy import POLICY_FUNCTION, zero_replicas
 from deployments.warm_workers import model_runtime_env
+from policies.adapters import read_adapter_config
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
 from policies.features import served_context, text_features
@@ -90,6 +91,8 @@ def _gguf_architecture(spec: ModelSpec, path: str) -> None:
 def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) -> list[ModelEntry]:
     catalog = []
     for spec in config.models:
+        if spec.base is not None:
+            continue  # after the models they adapt
         path = resolve_path(spec, config)
         try:
             _gguf_architecture(spec, path)
@@ -122,7 +125,29 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
                 **features,
             )
         )
+    bases = {entry.id: entry for entry in catalog}
+    catalog += [_adapter_entry(spec, bases[spec.base], config) for spec in config.models if spec.base is not None]
     return catalog
+
+
+def _adapter_entry(spec: ModelSpec, base: ModelEntry, config: AppConfig) -> ModelEntry:
+    """A LoRA adapter: its base's deployment, type and features, its own path and charges."""
+    if base.type != TEXT:
+        raise ConfigError(f"model {spec.id!r}: its base {base.id!r} is a {base.type} model; adapters apply to text models")
+    path = Path(spec.path).expanduser()
+    try:
+        read_adapter_config(path)
+    except ValueError as error:
+        raise ConfigError(f"model {spec.id!r}: {error}") from None
+    return replace(
+        base,
+        id=spec.id,
+        path=str(path.resolve()),
+        pinned=spec.pinned,
+        memory_bytes=spec.memory,
+        idle_ttl=spec.idle_ttl if spec.idle_ttl is not None else config.idle_ttl,
+        base=base.id,
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -150,7 +175,10 @@ def build_application(args: dict[str, Any], kinds: dict[str, ModelKind]) -> Appl
             for node, name in entry.placements(config.node_names).items()
         }
         for entry in catalog
+        if entry.base is None
     }
+    # An adapter is served by its base's deployments.
+    models.update({entry.id: models[entry.base] for entry in catalog if entry.base is not None})
     # Several nodes: the controller and the ingress stay on the head, which the fleet cannot lose.
     head = {"resources": {HEAD_NODE_RESOURCE: 0.001}} if config.nodes else {}
     controller = Controller.options(ray_actor_options={"num_cpus": 0, **head}).bind(config, catalog, models)

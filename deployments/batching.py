@@ -4,13 +4,18 @@ One engine per loaded text model runs on the replica's MLX thread. Requests join
 running batch as they arrive (mlx-lm's `BatchGenerator`, the machinery `mlx_lm.server`
 uses) and leave it when they finish or their client goes away. Requests with a `seed` run
 alone: a seed sets MLX's global random state, which batch neighbours would share.
+
+A batch runs one LoRA adapter (or the base alone): the adapter is a property of the model's
+forward pass, and mlx-lm's batch calls the model without saying which row is whose. Requests
+of another adapter wait for the batch to run out, in arrival order, so that none starves;
+work on the model itself (loading an adapter) runs between two decode steps.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -46,6 +51,7 @@ class Sequence:
     # mlx-lm logits processors of this sequence alone (a grammar's mask)
     processors: list[Callable] = field(default_factory=list)
     logprobs: int | None = None  # None: not wanted; n: with the n likeliest alternatives
+    adapter: str | None = None  # the LoRA adapter it runs with; None: the base alone
     cancelled: bool = False
     cached_tokens: int = 0
     detokenizer: Any = field(default=None, repr=False)
@@ -70,6 +76,7 @@ class BatchEngine:
         make_sampler: Callable[[Sampling], Callable],
         prompt_cache_bytes: int = 0,
         max_batch: int = 32,
+        adapters: Any = None,
     ):
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -78,6 +85,7 @@ class BatchEngine:
         self.executor = executor
         self.make_sampler = make_sampler
         self.max_batch = max_batch
+        self.adapters = adapters  # deployments.lora.Adapters: which one the model runs with
         # KV caches of finished requests, keyed by their tokens: the next turn of a chat
         # starts from its longest cached prefix instead of reading the whole prompt again.
         self.prompt_cache = (
@@ -88,13 +96,27 @@ class BatchEngine:
         # for a new sequence's KV while a batch runs).
         self._cache_lock = threading.Lock()
         self._incoming: deque[Sequence] = deque()
+        self._chores: deque[tuple[Callable[[], Any], Future]] = deque()
         self._running = False
 
     def submit(self, sequence: Sequence) -> None:
         with self._lock:
             self._incoming.append(sequence)
-            start, self._running = not self._running, True
-        if start:
+            self._start()
+
+    def between_steps(self, work: Callable[[], T]) -> Future:
+        """Run `work` on the MLX thread between two decode steps (at once when idle): the
+        model may change then, as no forward pass runs."""
+        future: Future = Future()
+        with self._lock:
+            self._chores.append((work, future))
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        """With the lock held: make sure the MLX thread serves the queues."""
+        if not self._running:
+            self._running = True
             self.executor.submit(self._run)
 
     def prompt_cache_bytes(self) -> int:
@@ -130,15 +152,28 @@ class BatchEngine:
                     for sequence in self._incoming:
                         (batchable if sequence.sampling.seed is None else seeded).append(sequence)
                     self._incoming.clear()
-                    if not (active or batchable or seeded):
+                    chores = list(self._chores)
+                    self._chores.clear()
+                    if not (active or batchable or seeded or chores):
                         self._running = False
                         return
+                for work, future in chores:
+                    try:
+                        future.set_result(work())
+                    except BaseException as error:
+                        future.set_exception(error)
                 # A seeded request waiting closes the batch to newcomers until it has run,
-                # so that a steady stream of requests cannot starve it.
+                # and so does one of another adapter: a steady stream of requests cannot
+                # starve either.
                 while batchable and not seeded:
-                    sequence = batchable.popleft()
+                    sequence = batchable[0]
+                    if active and not sequence.cancelled and sequence.adapter != self._adapter():
+                        break
+                    batchable.popleft()
                     if sequence.cancelled:
                         continue
+                    if not active:
+                        self._use(sequence.adapter)
                     if generator is None:
                         generator = self._new_generator()
                     try:
@@ -154,6 +189,7 @@ class BatchEngine:
                     if seeded:
                         sequence = seeded.popleft()
                         if not sequence.cancelled:
+                            self._use(sequence.adapter)
                             self._run_alone(sequence)
                     continue
                 try:
@@ -182,13 +218,25 @@ class BatchEngine:
             logger.exception("text generation engine failed")
             with self._lock:
                 waiting = [*active.values(), *batchable, *seeded, *self._incoming]
+                chores = list(self._chores)
                 self._incoming.clear()
+                self._chores.clear()
                 self._running = False
             for sequence in waiting:
                 sequence.fail(error)
+            for _, future in chores:
+                future.set_exception(error)
         finally:
             if generator is not None:
                 generator.close()
+
+    def _adapter(self) -> str | None:
+        return self.adapters.active if self.adapters is not None else None
+
+    def _use(self, adapter: str | None) -> None:
+        """Run the next forward passes with `adapter` (None: the base alone)."""
+        if self.adapters is not None:
+            self.adapters.active = adapter
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -201,7 +249,7 @@ class BatchEngine:
 
     def _insert(self, generator: Any, sequence: Sequence) -> int:
         sampler = self.make_sampler(sequence.sampling)
-        cache, rest = self._cached_prefix(sequence.prompt)
+        cache, rest = self._cached_prefix(sequence.prompt, sequence.adapter)
         (uid,) = generator.insert(
             [rest],
             [sequence.max_tokens],
@@ -223,7 +271,7 @@ class BatchEngine:
             detokenizer.finalize()
             if self.prompt_cache is not None:
                 with self._cache_lock:
-                    self.prompt_cache.insert_cache(None, list(response.all_tokens), response.prompt_cache)
+                    self.prompt_cache.insert_cache(sequence.adapter, list(response.all_tokens), response.prompt_cache)
         counted = 0 if response.finish_reason == "stop" else 1
         sequence.step(
             detokenizer.last_segment, counted, response.finish_reason, self._logprob(sequence, response, counted)
@@ -234,14 +282,15 @@ class BatchEngine:
             return None
         return token_logprob(self.tokenizer, response.logprobs, response.token, sequence.logprobs)
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
-        """The KV cache of the longest cached prefix of `prompt`, and the tokens after it."""
+    def _cached_prefix(self, prompt: list[int], adapter: str | None) -> tuple[list[Any] | None, list[int]]:
+        """The KV cache of the longest cached prefix of `prompt` computed with `adapter` (an
+        adapter's KV differs from the base's), and the tokens after it."""
         if self.prompt_cache is None:
             return None, prompt
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         with self._cache_lock:
-            cache, rest = self.prompt_cache.fetch_nearest_cache(None, prompt)
+            cache, rest = self.prompt_cache.fetch_nearest_cache(adapter, prompt)
         if cache is not None and not rest:
             # The whole prompt is cached, but generation needs one token to read: re-read
             # the last one.

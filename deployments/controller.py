@@ -47,9 +47,9 @@ from policies.errors import (
 )
 from policies.eviction import Evict, Insufficient
 from policies.kv import KvAsk
-from policies.ledger import Free, Lease, Ledger, ModelRecord, NoNode, Status, Unsized
+from policies.ledger import Free, Lease, Ledger, Measured, ModelRecord, NoNode, Status, Unsized
 from policies.logs import module_logger
-from policies.memory import estimate_model_bytes, format_gb
+from policies.memory import estimate_entry_bytes, format_gb
 from policies.nodes import PresentNode
 from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
 
@@ -109,12 +109,7 @@ class Controller:
         self.ledger = Ledger(
             0 if several else effects.memory_limit(config.memory_limit),
             catalog,
-            {
-                entry.id: estimate_model_bytes(
-                    entry.path, config.replica_overhead, entry.memory_bytes, config.gguf_dequantize
-                )
-                for entry in catalog
-            },
+            {entry.id: estimate_entry_bytes(entry, config.replica_overhead, config.gguf_dequantize) for entry in catalog},
             lease_ttl=config.lease_ttl,
             nodes=config.node_names if several else None,
         )
@@ -204,6 +199,9 @@ class Controller:
         """An ingress saw this model's replica fail: check it now rather than at the next round
         (first whether its node is still there)."""
         record = self._record(model_id)
+        if record.entry.base is not None:  # an adapter's replica is its base's
+            record = self.ledger[record.entry.base]
+            model_id = record.id
         if self.monitor and record.node and not await self.monitor.confirm(record.node):
             return  # the node is gone, and the model with it
         if record.status == Status.LOADED:
@@ -288,6 +286,8 @@ class Controller:
 
     async def _load(self, model_id: str) -> None:
         record = self.ledger[model_id]
+        if record.entry.base is not None:
+            return await self._load_adapter(record)
         started = time.perf_counter()
         while True:
             while model_id in self._unloading:  # an admin unload or an eviction is still running
@@ -344,6 +344,48 @@ class Controller:
             format_gb(report.weights_bytes),
             format_gb(self.ledger.used(node)),
             format_gb(self.ledger.nodes[node].limit),
+        )
+        await self.changes.notify()
+
+    async def _load_adapter(self, record: ModelRecord) -> None:
+        """Load a LoRA adapter into its base's replica, the base first. While this waits, the
+        base counts as busy (the adapter's `waiting`): it cannot be evicted in between."""
+        base = self.ledger[record.entry.base]
+        started = time.perf_counter()
+        record.waiting += 1
+        try:
+            while record.status != Status.LOADED:
+                while record.id in self._unloading:
+                    await asyncio.wait([self._unloading[record.id]])
+                await self._loaded(base)
+                if record.status == Status.UNLOADED:
+                    await self._make_room(
+                        ClaimKind.LOAD,
+                        record.id,
+                        lambda: self.ledger.admit(record.id, self._free()),
+                        deadline=time.monotonic() + self.config.load_wait_timeout,
+                        refuse_when_late=True,
+                    )
+                if record.status != Status.LOADING or base.status != Status.LOADED:
+                    continue  # its base's replica went meanwhile, and the adapter with it
+                try:
+                    loaded = await self.placements.load_adapter(record)
+                except Exception as error:
+                    cause = getattr(error, "cause", None) or error
+                    logger.error("loading adapter %s into %s failed: %s", record.id, base.id, cause)
+                    self.ledger.restore(record.id, Status.UNLOADED, f"load failed: {cause}")
+                    await self.changes.notify()
+                    raise model_load_failed(record.id, f"{type(cause).__name__}: {cause}") from None
+                replica = base.measured.replica if base.measured else ""
+                self.ledger.finish_load(record.id, Measured(loaded, loaded, 0, replica), time.time())
+        finally:
+            record.waiting -= 1
+        self.metrics["loads"].inc(tags={"model": record.id})
+        self.metrics["load_seconds"].observe(time.perf_counter() - started, tags={"model": record.id})
+        logger.info(
+            "loaded adapter %s into %s in %.2f s: charged %s; used %s of %s",
+            record.id, base.id, time.perf_counter() - started, format_gb(record.cost),
+            format_gb(self.ledger.used(record.node)), format_gb(self.ledger.nodes[record.node].limit),
         )
         await self.changes.notify()
 
@@ -421,7 +463,10 @@ class Controller:
         If Serve does not get there, the ledger takes what Serve really runs."""
         record = self.ledger[model_id]
         try:
-            seconds = await self.placements.stop(record)
+            if record.entry.base is None:
+                seconds = await self.placements.stop(record)
+            else:  # out of its base's replica, unless the base is on its way out too
+                seconds = await self.placements.drop_adapter(record, self.ledger[record.entry.base].status == Status.LOADED)
             if record.status != Status.UNLOADING:
                 return  # its node left meanwhile, and the ledger let it go with it
         except Exception as error:
@@ -462,7 +507,7 @@ class Controller:
         loaded = [
             r.id
             for r in self.ledger.models.values()
-            if r.status == Status.LOADED and r.id not in self._unloading
+            if r.status == Status.LOADED and r.id not in self._unloading and r.entry.base is None
         ]
         await asyncio.gather(
             *(self._checking.join(model_id, self._check_replica) for model_id in loaded)
@@ -519,6 +564,9 @@ class Controller:
                 self.ledger.adopt(record.id, status, measured, state.leases, now, node)
                 if state.usage is not None:
                     self.ledger.report_usage(record.id, state.usage)
+                for adapter, size in state.adapters.items() if status == Status.LOADED else ():
+                    if adapter in self.ledger and self.ledger[adapter].entry.base == record.id:
+                        self.ledger.adopt(adapter, Status.LOADED, Measured(size, size, 0, measured.replica), [], now, node)
             elif kind == Found.STARTING:  # the load a previous controller began finishes here
                 self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
         await self.placements.keep_only(records)
@@ -589,7 +637,7 @@ class Controller:
         lost = self.ledger.lose(name, time.time())
         self.metrics["lost_nodes"].inc(tags={"node": name})
         for record in self.ledger.models.values():
-            if name in self.placements.nodes(record.id):
+            if record.entry.base is None and name in self.placements.nodes(record.id):
                 spawn(self.placements.stop_on(record, name))
         if lost:
             logger.warning("models unloaded with node %s: %s", name, ", ".join(lost))

@@ -49,7 +49,7 @@ from policies.api_keys import ApiKey, KeyRing, KeySlots, bearer_token, give_back
 from policies.capabilities import CHAT, COMPLETIONS, EMBEDDINGS, Capabilities
 from policies.config import INGRESS_NAME, AppConfig, ModelEntry
 from policies.events import Event, Finish
-from policies.generation import GenerationRequest
+from policies.generation import GenerationRequest, with_adapter
 from policies.tool_calls import FORMATS
 from policies.logs import module_logger
 
@@ -447,6 +447,7 @@ class Ingress:
             "pinned": state["pinned"],
             "context_length": entry.context_length,
             "capabilities": self._features(entry),
+            **({"parent": entry.base} if entry.base else {}),
         }
 
     def _features(self, entry: ModelEntry) -> dict[str, bool]:
@@ -605,6 +606,7 @@ class Ingress:
         `after(events)` runs once the answer is complete (Responses keeps it); `warnings`
         say what the answer leaves out of the request."""
         headers = warning_headers(warnings)
+        job = with_adapter(job, entry)
         if not stream:
             lease, events = await self._call(entry, lambda model, lease: model.generate.remote(job, lease.id), caller)
             self.leases.release(lease)

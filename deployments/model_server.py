@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import psutil
@@ -64,6 +64,7 @@ class ReplicaState:
     report: LoadReport | None
     leases: list[str]  # leases of the requests this replica is serving now
     usage: Usage | None = None  # what a text model holds beyond its process
+    adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapters loaded: {id: bytes}
 
 
 class ModelServer:

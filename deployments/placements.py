@@ -9,6 +9,7 @@ its replica gracefully, and a text model's replica saves its prompt cache on the
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.model_server import LoadReport, ReplicaState
 from deployments.scaler import SCALE_TIMEOUT_SECONDS
 from policies.config import LOCAL_NODE, placement_name
+from policies.generation import AdapterRef
 from policies.ledger import ModelRecord
 from policies.logs import module_logger
 
@@ -62,6 +64,22 @@ class Placements:
         """Scale to zero and wait until the replica is gone (its prompt cache saved): seconds taken."""
         return await self.scaler.scale_and_wait(self.name(record), 0)
 
+    async def load_adapter(self, record: ModelRecord) -> int:
+        """Load a LoRA adapter into its base's replica: the bytes its matrices take."""
+        adapter = AdapterRef(record.id, record.entry.path)
+        return await asyncio.wait_for(self._handle(record).load_adapter.remote(adapter), SCALE_TIMEOUT_SECONDS)
+
+    async def drop_adapter(self, record: ModelRecord, base_loaded: bool) -> float:
+        """Take an adapter out of its base's replica (nothing to do when the base is going
+        too): seconds taken. A replica that does not answer holds no adapter any more."""
+        started = time.perf_counter()
+        if base_loaded:
+            try:
+                await asyncio.wait_for(self._handle(record).unload_adapter.remote(record.id), REPLICA_ANSWER_SECONDS)
+            except Exception as error:
+                logger.warning("model %s's replica did not drop adapter %s: %r", record.entry.base, record.id, error)
+        return time.perf_counter() - started
+
     async def stop_on(self, record: ModelRecord, node: str) -> None:
         """Scale the model's deployment on `node` to zero without waiting (the node left)."""
         await self.scaler.scale(self.name(record, node), 0)
@@ -83,6 +101,7 @@ class Placements:
         found = [
             (record, node, replicas.get(self.name(record, node), {}))
             for record in records
+            if record.entry.base is None  # an adapter has no deployment of its own
             for node in self.models[record.id]
         ]
         states = await asyncio.gather(
@@ -104,6 +123,7 @@ class Placements:
             {
                 self.name(record, node): int(record.holds_memory and record.node == node)
                 for record in records
+                if record.entry.base is None
                 for node in self.models[record.id]
             }
         )

@@ -69,12 +69,14 @@ def cache_entries(prompt_cache: Any) -> list[tuple[list[int], list[Any]]]:
 
     mlx-lm has no public way to list them, so this reads its private LRU order (`_lru`)
     and trie (`_trie`), as of mlx-lm 0.32; nothing else does. The engine files every entry
-    under one cache type, so the per-type queues joined keep the order.
+    under one cache type, so the per-type queues joined keep the order. Only the base
+    model's entries (filed under None): a LoRA adapter's stay in memory.
     """
     return [
         (tokens, prompt_cache._trie.get(model, tokens).prompt_cache)
         for queue in prompt_cache._lru._lrus.values()
         for model, tokens in queue
+        if model is None
     ]
 
 

@@ -1,5 +1,5 @@
-"""Text generation with mlx-lm: chat templates, sampling, stop sequences, streaming, and
-continuous batching of concurrent requests."""
+"""Text generation with mlx-lm: chat templates, sampling, stop sequences, streaming,
+continuous batching of concurrent requests, and the model's LoRA adapters."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from deployments.constraints import GrammarMask, GrammarTokenizer
 from deployments.gguf import converted_model_dir
 from deployments.kv_hold import KvHold
 from deployments.generative import CompletionTracker, GenerativeServer, make_sampler
-from deployments.model_server import LoadReport
+from deployments.model_server import LoadReport, ReplicaState
 from deployments.prompt_store import PromptStore, model_key
 from policies.errors import ApiError, controller_unavailable, find_api_error
-from policies.generation import GenerationRequest, token_budget
+from policies.generation import AdapterRef, GenerationRequest, token_budget
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.detection import gguf_file
 from policies.features import config_context_length, served_context
@@ -68,6 +68,7 @@ class TextModel(GenerativeServer):
         self.model = None
         self.tokenizer = None
         self.engine: BatchEngine | None = None
+        self.adapters = None  # deployments.lora.Adapters, once the model is loaded
         self.context_length: int | None = None
         self.kv_shape: KvShape | None = None
         # A `memory:` override is the model's whole cost: nothing to hold on top of it.
@@ -112,6 +113,22 @@ class TextModel(GenerativeServer):
             report.left_out, report.deleted,
         )
 
+    async def load_adapter(self, adapter: AdapterRef) -> int:
+        """Load a LoRA adapter of this model (once), between two decode steps: its bytes."""
+        if self.engine is None:  # a replica that replaced one that died: the base first
+            await self.load()
+        return await asyncio.wrap_future(self.engine.between_steps(partial(self._load_adapter, adapter)))
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Drop an adapter no request uses (the controller asks only then): its matrices go
+        with the last reference, on whatever thread; its prompt cache ages out."""
+        if self.adapters is not None:
+            self.adapters.unload(adapter_id)
+
+    def state(self) -> ReplicaState:
+        state = super().state()
+        return replace(state, adapters=dict(self.adapters.loaded) if self.adapters is not None else {})
+
     async def count_tokens(self, job: GenerationRequest, lease_id: str) -> int:
         """The prompt's length in tokens, as a generation would read it."""
         async with self.serving(lease_id):
@@ -131,6 +148,8 @@ class TextModel(GenerativeServer):
             if self.kv is None
             else self.kv.reserve(self.kv_shape.bytes_for(len(prompt) + max_tokens))
         )
+        if job.adapter is not None:  # loaded already, unless this replica replaced one
+            await self.load_adapter(job.adapter)
         async with reserved:
             async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
                 yield batch
@@ -149,6 +168,7 @@ class TextModel(GenerativeServer):
             emit=lambda item: loop.call_soon_threadsafe(steps.put_nowait, item),
             processors=[mask] if mask else [],
             logprobs=job.logprobs,
+            adapter=job.adapter.id if job.adapter is not None else None,
         )
         self.engine.submit(sequence)
         tracker = CompletionTracker(
@@ -235,12 +255,16 @@ class TextModel(GenerativeServer):
         for token in stop_tokens(self.adapter, self.tokenizer.chat_template):
             if token in vocab:
                 self.tokenizer.add_eos_token(token)
+        from deployments.lora import Adapters
+
+        self.adapters = Adapters(self.model)
         self.engine = BatchEngine(
             self.model,
             self.tokenizer,
             self._mlx,
             partial(make_sampler, self.adapter),
             prompt_cache_bytes=self.prompt_cache_bytes,
+            adapters=self.adapters,
         )
         self.kv_shape = measure_kv_shape(self.model)
         if self.prompt_store_bytes and self.engine.prompt_cache is not None:
@@ -303,6 +327,16 @@ class TextModel(GenerativeServer):
         in_reasoning = bool(self.entry.think) and rendered.rstrip().endswith(self.entry.think[0])
         # The template writes BOS itself; encoding must not add a second one.
         return tokenizer.encode(rendered, add_special_tokens=False), in_reasoning
+
+    def _load_adapter(self, adapter: AdapterRef) -> int:
+        if adapter.id not in self.adapters.loaded:
+            started = time.perf_counter()
+            self.adapters.load(adapter.id, adapter.path)
+            logger.info(
+                "model %s: loaded adapter %s in %.3f s (%.1f MB)",
+                self.entry.id, adapter.id, time.perf_counter() - started, self.adapters.loaded[adapter.id] / 1e6,
+            )
+        return self.adapters.loaded[adapter.id]
 
     def _grammar_mask(self, constraint: Constraint) -> GrammarMask:
         if self.grammar_tokenizer is None:

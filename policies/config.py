@@ -111,6 +111,11 @@ class ModelSpec(BaseModel):
         "context length: bounds the KV memory one request can claim.",
     )
     node: str | None = Field(default=None, description="Load this model only on this node (of `nodes`).")
+    base: str | None = Field(
+        default=None,
+        description="Another model's id: this one is a LoRA adapter of it (`path` is the adapter's "
+        "directory), served in the base's replica and charged only its own bytes.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -280,11 +285,26 @@ class AppConfig(BaseModel):
         keys = [spec.to_key() for spec in self.api_keys or []]
         if len({k.name for k in keys}) != len(keys) or len({k.sha256 for k in keys}) != len(keys):
             raise ValueError("api_keys: each key needs a name and a key of its own")
+        by_id = {spec.id: spec for spec in self.models}
         for spec in self.models:
             if spec.node is not None and spec.node not in names:
                 raise ValueError(
                     f"model {spec.id!r} names node {spec.node!r}, which is not in `nodes` "
                     f"({', '.join(names) or 'none configured'})"
+                )
+            if spec.base is None:
+                continue
+            base = by_id.get(spec.base)
+            if base is None or base.base is not None:
+                raise ValueError(
+                    f"model {spec.id!r} is an adapter of {spec.base!r}, which is "
+                    + ("an adapter itself" if base is not None else "not in `models`")
+                    + ": `base` names a model of the catalog that is not an adapter"
+                )
+            if spec.node is not None or spec.type is not None or spec.max_context is not None:
+                raise ValueError(
+                    f"model {spec.id!r} is an adapter: it runs where its base runs, as its base "
+                    "does (no `node`, `type` or `max_context` of its own)"
                 )
         return self
 
@@ -318,6 +338,7 @@ class ModelEntry:
     context_length: int | None = None  # the model's, capped by `max_context`
     max_context: int | None = None
     node: str | None = None  # the only node it may run on
+    base: str | None = None  # a LoRA adapter of this model: served in its replica
 
     def placements(self, nodes: list[str]) -> dict[str, str]:
         """{node: the model's deployment there} for the nodes it may run on."""

@@ -17,6 +17,7 @@ class Resident:
     pinned: bool = False
     in_flight: int = 0
     loading: bool = False
+    adapter_of: str | None = None  # a LoRA adapter of this base: evicted before it at a tie
 
     @property
     def evictable(self) -> bool:
@@ -60,7 +61,7 @@ def plan(
     """
     room = headroom(residents, limit, os_available)
     victims: list[str] = []
-    for resident in sorted((r for r in residents if r.evictable), key=lambda r: r.last_used):
+    for resident in sorted((r for r in residents if r.evictable), key=lambda r: (r.last_used, r.adapter_of is None)):
         if room >= need:
             break
         victims.append(resident.id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policies.constraints import Constraint
@@ -22,6 +22,14 @@ class Sampling:
     max_tokens_param: str = "max_tokens"  # what the client's dialect calls max_tokens, for errors
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter a request runs with: its model id and its directory."""
+
+    id: str
+    path: str
+
+
 @dataclass
 class GenerationRequest:
     """What a dialect asks a text or vision server to generate: chat messages or a raw
@@ -36,11 +44,18 @@ class GenerationRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     constraint: Constraint | None = None  # what the answer must be (a JSON value, tool calls)
     logprobs: int | None = None  # None: none; n: each token's and its n likeliest alternatives'
+    adapter: AdapterRef | None = None  # a LoRA adapter of the model to answer with
 
     @property
     def chat(self) -> bool:
         return self.messages is not None
 
+
+
+def with_adapter(job: GenerationRequest, entry: Any) -> GenerationRequest:
+    """The request as the model's replica runs it: a LoRA adapter's (`entry.base` set) runs
+    on its base's replica with the adapter."""
+    return replace(job, adapter=AdapterRef(entry.id, entry.path)) if entry.base else job
 
 
 def token_budget(

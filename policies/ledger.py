@@ -12,6 +12,9 @@ Pure: no Ray, no I/O, no clock (callers pass `now`). The controller deployment o
   loading ones, or refuse what cannot fit even when everything unpinned is gone.
 - A loaded text model also holds what its replica was granted by `hold` for the KV of the
   sequences it runs and for its prompt cache; growth is admitted like a load.
+- A LoRA adapter is a model of its own whose memory is its matrices, in its base's replica:
+  it loads only into a loaded base, on the base's node. Its base is busy while it is, is
+  evicted only after it (adapters go first), and takes it along when unloaded or replaced.
 - Each node has its own budget. A load is placed on the node where it fits after the fewest
   evictions (then the node it last ran on, then the most room left); eviction, KV growth and
   memory other programs use are counted per node. A node that leaves takes its models along.
@@ -233,6 +236,11 @@ class Ledger:
         if not record.sized:
             return Unsized()
         nodes = [n for n in self.nodes.values() if n.alive and record.entry.node in (None, n.name)]
+        if record.entry.base is not None:
+            base = self.models[record.entry.base]
+            if base.status != Status.LOADED:
+                raise LedgerError(f"adapter {model_id}: its base {base.id} is {base.status.value}, not loaded")
+            nodes = [self.nodes[base.node]]
         if not nodes:
             where = f"its node {record.entry.node} is not" if record.entry.node else "none of the fleet's nodes is"
             return NoNode(f"model {model_id} cannot load: {where} in the cluster now")
@@ -294,6 +302,21 @@ class Ledger:
         record.held, record.usage = 0, Usage()  # the new replica holds nothing yet
         record.loads += 1
         record.last_used = now
+        self._drop_adapters(record, f"its base {model_id}'s replica was replaced", now)
+
+    def _drop_adapters(self, base: ModelRecord, reason: str, now: float | None = None) -> None:
+        """The base's replica is gone or replaced: its adapters with it, their leases too (a
+        request under one would reach a replica without the adapter)."""
+        for record in self.adapters_of(base):
+            if not record.holds_memory:
+                continue
+            for lease_id in list(record.leases):
+                self.release(lease_id, now if now is not None else record.last_used or 0.0)
+            record.held, record.usage, record.node = 0, Usage(), None
+            self._move(record, Status.UNLOADED, reason)
+
+    def adapters_of(self, base: ModelRecord) -> list[ModelRecord]:
+        return [r for r in self.models.values() if r.entry.base == base.id]
 
     def fail_load(self, model_id: str, reason: str) -> None:
         """The load failed; its replica must still be scaled down (`finish_unload`)."""
@@ -303,11 +326,12 @@ class Ledger:
         record = self.models[model_id]
         record.held, record.usage = 0, Usage()  # its replica, and what it held, are gone
         self._move(record, Status.LOADING, reason)
+        self._drop_adapters(record, f"its base {model_id} reloads: {reason}")
 
     def begin_unload(self, model_id: str, reason: str) -> bool:
         """Mark a loaded model unloading if nothing uses it; False if it is busy or not loaded."""
         record = self.models[model_id]
-        if record.status != Status.LOADED or record.busy:
+        if record.status != Status.LOADED or record.busy or any(a.busy for a in self.adapters_of(record)):
             return False
         self._move(record, Status.UNLOADING, reason)
         return True
@@ -318,6 +342,7 @@ class Ledger:
             record.evictions += 1
         record.held, record.usage, record.node = 0, Usage(), None
         self._move(record, Status.UNLOADED, reason)
+        self._drop_adapters(record, f"its base {model_id} was unloaded")
 
     def restore(self, model_id: str, status: Status, reason: str) -> None:
         """Set what Serve really runs after a scaling call failed or timed out."""
@@ -326,6 +351,8 @@ class Ledger:
             record.node = None
         if record.status != status:
             self._move(record, status, reason)
+        if status == Status.UNLOADED:
+            self._drop_adapters(record, f"its base {model_id} is not loaded")
 
     def adopt(
         self,
@@ -348,7 +375,11 @@ class Ledger:
 
     def take_idle(self, now: float) -> list[str]:
         """Models unused for longer than their idle TTL, marked unloading."""
-        expired = [r.id for r in self.models.values() if (r.idle_left(now) or 0) < 0]
+        expired = [
+            r.id
+            for r in self.models.values()
+            if (r.idle_left(now) or 0) < 0 and not any(a.busy for a in self.adapters_of(r))
+        ]
         for model_id in expired:
             self._move(self.models[model_id], Status.UNLOADING, "idle_ttl")
         return expired
@@ -461,7 +492,7 @@ class Ledger:
             return None
         model = self.models[record.lease.model]
         model.leases.discard(lease_id)
-        model.last_used = now
+        self._used(model, now)
         return record.lease
 
     def expire_leases(self, now: float) -> list[Lease]:
@@ -475,7 +506,13 @@ class Ledger:
         self._leases[lease.id] = _LeaseRecord(lease, now, now + lease.ttl)
         record = self.models[lease.model]
         record.leases.add(lease.id)
+        self._used(record, now)
+
+    def _used(self, record: ModelRecord, now: float) -> None:
+        """A use of an adapter is a use of its base too (its idle countdown, its recency)."""
         record.last_used = now
+        if record.entry.base is not None:
+            self.models[record.entry.base].last_used = now
 
     def _remember_released(self, lease_id: str) -> None:
         self._released[lease_id] = None
@@ -539,15 +576,20 @@ class Ledger:
             r.cost for r in self.models.values() if r.status == Status.LOADING and r.node == node
         )
 
-    @staticmethod
-    def _resident(record: ModelRecord, eventually_idle: bool = False) -> Resident:
+    def _resident(self, record: ModelRecord, eventually_idle: bool = False) -> Resident:
+        """A model as the planner sees it. A base is busy while one of its adapters is (or
+        waits to load), stays while one is pinned, and was used when one was last: so its
+        adapters are always evicted before it."""
+        loaded = [a for a in self.adapters_of(record) if a.holds_memory]
+        waiting = [record, *self.adapters_of(record)]
         return Resident(
             id=record.id,
             bytes=record.cost,
-            last_used=record.last_used or 0.0,
-            pinned=record.pinned,
-            in_flight=0 if eventually_idle else len(record.leases) + record.waiting,
+            last_used=max(r.last_used or 0.0 for r in [record, *loaded]),
+            pinned=record.pinned or any(a.pinned for a in loaded),
+            in_flight=0 if eventually_idle else sum(len(r.leases) + r.waiting for r in waiting),
             loading=not eventually_idle and record.status != Status.LOADED,
+            adapter_of=record.entry.base,
         )
 
     # -- views ------------------------------------------------------------------------------
@@ -582,6 +624,7 @@ class Ledger:
         )
         return {
             "id": r.id,
+            "base": r.entry.base,
             "type": r.entry.type,
             "family": r.entry.family,
             "status": r.status.value,

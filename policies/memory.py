@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 _UNITS = {
     "": 1,
@@ -84,6 +85,18 @@ def weight_files_bytes(path: str | Path, gguf_float32: bool = False) -> int | No
         return None
     expansion = GGUF_FLOAT32_EXPANSION if gguf_float32 else 1.0
     return safetensors + int(sum(f.stat().st_size for f in gguf) * expansion)
+
+
+def estimate_entry_bytes(entry: Any, replica_overhead: int, gguf_float32: bool = False) -> int | None:
+    """What a catalog entry will cost once loaded. An adapter (`entry.base`) runs in its
+    base's process: only its matrices, never a replica's overhead."""
+    if entry.base is None:
+        return estimate_model_bytes(entry.path, replica_overhead, entry.memory_bytes, gguf_float32)
+    if entry.memory_bytes is not None:
+        return entry.memory_bytes
+    from policies.adapters import adapter_bytes
+
+    return adapter_bytes(Path(entry.path))
 
 
 def estimate_model_bytes(
