@@ -69,6 +69,11 @@ def test_full_model_spec():
         ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "m"}, {"name": "m"}]}, "unique"),
         ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "a@b"}]}, "name"),
         ({"models": [{"id": "a", "path": "p"}], "nodes": [{"name": "m", "memory_limit": "9 zorks"}]}, "9 zorks"),
+        ({"models": [{"id": "l", "path": "p", "base": "x"}]}, "an adapter of 'x', which is not in `models`"),
+        ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a"}, {"id": "m", "path": "r", "base": "l"}]},
+         "which is an adapter itself"),
+        ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a", "max_context": 9}]},
+         "runs where its base runs"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(args, words):
@@ -182,3 +187,18 @@ def test_api_keys_are_validated_and_may_come_from_a_file(tmp_path):
     ):
         with pytest.raises(ConfigError, match=re.escape(words)):
             config(api_keys=bad)
+
+
+def test_an_adapter_takes_its_bases_deployment_and_features(demo_models, tmp_path):
+    models = [
+        {"id": "base", "path": str(demo_models / "tiny-llama")},
+        {"id": "lora", "path": str(demo_models / "tiny-llama-lora-a"), "base": "base"},
+    ]
+    base, lora = build_catalog(config(models=models))
+    assert (lora.deployment, lora.type, lora.family, lora.context_length) == (
+        base.deployment, base.type, base.family, base.context_length)
+    assert (lora.base, lora.path) == ("base", str(demo_models / "tiny-llama-lora-a"))
+    with pytest.raises(ConfigError, match="has no adapter_config.json"):
+        build_catalog(config(models=[models[0], {**models[1], "path": str(tmp_path)}]))
+    with pytest.raises(ConfigError, match="adapters apply to text models"):
+        build_catalog(config(models=[{"id": "base", "path": str(demo_models / "all-MiniLM-L6-v2")}, models[1]]))

@@ -457,3 +457,43 @@ class HoldMachine(LedgerMachine):
 
 HoldMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_holds_never_exceed_the_budget = HoldMachine.TestCase
+
+
+# -- LoRA adapters ------------------------------------------------------------------------------
+
+
+def adapter(model_id: str, base: str, memory: int) -> ModelEntry:
+    from dataclasses import replace
+
+    return replace(entry(model_id, memory), deployment=base, base=base)
+
+
+def test_adapters_load_into_a_loaded_base_and_go_before_it():
+    book = ledger(entry("base"), adapter("a1", "base", GB // 2), adapter("a2", "base", GB // 2), entry("other"),
+                  limit=2 * GB)
+    with pytest.raises(LedgerError, match="its base base is unloaded"):
+        book.admit("a1", PLENTY)
+    load(book, "base", now=1)
+    for now, model_id in ((2, "a1"), (3, "a2")):
+        assert book.admit(model_id, PLENTY) == Evict(())
+        book.finish_load(model_id, Measured(GB // 2, GB // 2, 0), now)
+    assert book.used() == 2 * GB and book["base"].node == book["a1"].node
+    # A busy adapter keeps its base: only the idle adapter is a candidate.
+    lease = book.grant("a2", now=4)
+    assert book.admit("other", PLENTY) == Wait("need 1.0 GB, only 0.5 GB available after eviction")
+    book.release(lease.id, now=5)
+    # Idle: the adapters go first, oldest first, even though the base was loaded earliest.
+    assert book.admit("other", PLENTY) == Evict(("a1", "a2"))
+    assert book["base"].status == Status.LOADED
+
+
+def test_a_base_that_goes_takes_its_adapters_and_their_leases_along():
+    book = ledger(entry("base"), adapter("a1", "base", GB // 2))
+    load(book, "base")
+    book.admit("a1", PLENTY)
+    book.finish_load("a1", Measured(GB // 2, GB // 2, 0), now=1)
+    book.grant("a1", now=2)
+    assert not book.begin_unload("base", "admin")  # its adapter is busy
+    book.begin_reload("base", "its replica was replaced without weights")
+    assert book["a1"].status == Status.UNLOADED and not book["a1"].leases
+    assert book.used() == GB
