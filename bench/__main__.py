@@ -27,6 +27,7 @@ SUITE: dict[str, int | None] = {
     "embeddings": 3,
     "gguf": 3,
     "structured": 3,
+    "adapters": 2,
     "memory": None,
 }
 

@@ -105,7 +105,7 @@ def _wait_until_settled(base_url: str, app_name: str, timeout: float) -> None:
     with httpx.Client(base_url=base_url, timeout=30) as client:
         while True:
             models = client.get("/admin/models").raise_for_status().json()["models"]
-            unpinned = [m for m in models if not m["pinned"]]
+            unpinned = [m for m in models if not m["pinned"] and not m["base"]]  # adapters: no deployment
             deployments = serve.status().applications[app_name].deployments
             replicas = sum(
                 sum(deployments[deployment_name(m["id"])].replica_states.values()) for m in unpinned

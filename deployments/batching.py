@@ -5,10 +5,9 @@ running batch as they arrive (mlx-lm's `BatchGenerator`, the machinery `mlx_lm.s
 uses) and leave it when they finish or their client goes away. Requests with a `seed` run
 alone: a seed sets MLX's global random state, which batch neighbours would share.
 
-A batch runs one LoRA adapter (or the base alone): the adapter is a property of the model's
-forward pass, and mlx-lm's batch calls the model without saying which row is whose. Requests
-of another adapter wait for the batch to run out, in arrival order, so that none starves;
-work on the model itself (loading an adapter) runs between two decode steps.
+Requests for a model's LoRA adapters share the batch with each other and with the base:
+each row of a forward pass adds its own adapter (`deployments.lora`). Work on the model
+itself (loading an adapter) runs between two decode steps.
 """
 
 from __future__ import annotations
@@ -97,6 +96,7 @@ class BatchEngine:
         self._cache_lock = threading.Lock()
         self._incoming: deque[Sequence] = deque()
         self._chores: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._adapter_of: dict[int, str | None] = {}  # the running generator's uids -> adapters
         self._running = False
 
     def submit(self, sequence: Sequence) -> None:
@@ -163,17 +163,11 @@ class BatchEngine:
                     except BaseException as error:
                         future.set_exception(error)
                 # A seeded request waiting closes the batch to newcomers until it has run,
-                # and so does one of another adapter: a steady stream of requests cannot
-                # starve either.
+                # so that a steady stream of requests cannot starve it.
                 while batchable and not seeded:
-                    sequence = batchable[0]
-                    if active and not sequence.cancelled and sequence.adapter != self._adapter():
-                        break
-                    batchable.popleft()
+                    sequence = batchable.popleft()
                     if sequence.cancelled:
                         continue
-                    if not active:
-                        self._use(sequence.adapter)
                     if generator is None:
                         generator = self._new_generator()
                     try:
@@ -185,6 +179,7 @@ class BatchEngine:
                     generator.remove(gone)
                     for uid in gone:
                         del active[uid]
+                        self._adapter_of.pop(uid, None)
                 if not active:
                     if seeded:
                         sequence = seeded.popleft()
@@ -214,6 +209,7 @@ class BatchEngine:
                         continue
                     if response.finish_reason:
                         del active[response.uid]
+                        self._adapter_of.pop(response.uid, None)
         except BaseException as error:  # the engine itself broke: fail everyone, hang no one
             logger.exception("text generation engine failed")
             with self._lock:
@@ -230,19 +226,20 @@ class BatchEngine:
             if generator is not None:
                 generator.close()
 
-    def _adapter(self) -> str | None:
-        return self.adapters.active if self.adapters is not None else None
-
     def _use(self, adapter: str | None) -> None:
-        """Run the next forward passes with `adapter` (None: the base alone)."""
+        """Run the next forward passes (of a sequence alone) with `adapter` (None: the base)."""
         if self.adapters is not None:
             self.adapters.active = adapter
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
+        from deployments.lora import RowsByCaller
+
+        self._adapter_of.clear()
+        model = self.model if self.adapters is None else RowsByCaller(self.model, self.adapters, self._adapter_of)
         return BatchGenerator(
-            self.model,
+            model,
             stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
             completion_batch_size=self.max_batch,
         )
@@ -258,6 +255,7 @@ class BatchEngine:
             samplers=[sampler],
             logits_processors=[sequence.processors],
         )
+        self._adapter_of[uid] = sequence.adapter
         sequence.detokenizer = self.tokenizer.detokenizer
         sequence.cached_tokens = len(sequence.prompt) - len(rest)
         return uid

@@ -17,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from policies.config import CONTROLLER_NAME, INGRESS_NAME, deployment_name
 from tests.conftest import ROOT, run_app, wait_for
+from tests.test_ledger_truth import replica_processes
 
 APP = "mlx-fleet-adapters"
 BASE, LORA_A, LORA_B = "tiny-llama", "tiny-llama-lora-a", "tiny-llama-lora-b"
@@ -99,8 +101,11 @@ def test_each_adapter_answers_as_mlx_lm_loads_it_alone_and_mixed(adapters, refer
         assert complete(adapters, model_id)["choices"][0]["text"] == reference(model_id)
     view = admin(adapters)
     assert {view[m]["status"] for m in (BASE, LORA_A, LORA_B)} == {"loaded"}
-    # One replica for the three: the adapters run in the base's process.
+    # One process for the three: the adapters run in the base's replica.
     assert view[LORA_A]["node"] == view[BASE]["node"]
+    assert {d: len(pids) for d, pids in replica_processes(APP).items() if d not in (INGRESS_NAME, CONTROLLER_NAME)} == {
+        deployment_name(BASE): 1
+    }
 
     mixed = [BASE, LORA_A, LORA_B] * 4
     with ThreadPoolExecutor(len(mixed)) as pool:

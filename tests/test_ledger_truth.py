@@ -42,9 +42,10 @@ def replica_processes(app: str = APP_NAME) -> dict[str, list[int]]:
 
 
 def charged(http) -> dict[str, dict]:
-    """{deployment: model view} of the models the ledger charges (loaded or loading)."""
+    """{deployment: model view} of the models the ledger charges (loaded or loading), but
+    for LoRA adapters: they are charged inside their base's process."""
     models = http.get("/admin/models").json()["models"]
-    return {deployment_name(m["id"]): m for m in models if m["memory_bytes"] is not None}
+    return {deployment_name(m["id"]): m for m in models if m["memory_bytes"] is not None and not m["base"]}
 
 
 def settled(http) -> bool:

@@ -79,3 +79,87 @@ def test_adapters_that_do_not_fit_are_refused(demo_models, tmp_path):
     mx.save_safetensors(str(wrong / "adapters.safetensors"), weights)
     with pytest.raises(AdapterError, match="do not fit"):
         Adapters(model).load("wrong", str(wrong))
+
+
+def rank_8_adapter(demo_models, folder):
+    """tiny-llama's third adapter, of another rank than the demo ones (built as they are)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("make_demo_models", demo_models.parent / "scripts" / "make_demo_models.py")
+    demo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo
+    spec.loader.exec_module(demo)
+    (folder / "tiny-llama").symlink_to(demo_models / "tiny-llama")
+    (folder / "rank-8").mkdir()
+    demo.lora_builder("tiny-llama", seed=3, rank=8)(folder / "rank-8", "rank-8")
+    return folder / "rank-8"
+
+
+@pytest.mark.parametrize("ranks", ["equal", "different"])
+def test_one_batch_mixes_adapters_and_each_row_answers_as_alone(demo_models, tmp_path, ranks):
+    """The engine's batch runs base and adapter rows together (one generator, one forward
+    pass per step): each answers exactly as it does alone, and as mlx-lm with the adapter.
+    Adapters of one rank share one gathered product; of different ranks, one each."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlx_lm import load
+
+    from deployments.batching import BatchEngine, Sequence
+    from deployments.generative import make_sampler
+    from deployments.lora import Adapters
+    from policies.families import adapter_for
+    from policies.generation import Sampling
+
+    class Watched(Adapters):
+        """Notes each forward pass whose rows ran different adapters."""
+
+        mixed_passes = 0
+
+        def __setattr__(self, name, value):
+            if name == "rows" and value is not None:
+                Watched.mixed_passes += 1
+            super().__setattr__(name, value)
+
+    model, tokenizer = load(str(demo_models / "tiny-llama"))
+    adapters = Watched(model)
+    paths = {name: demo_models / name for name in ("tiny-llama-lora-a", "tiny-llama-lora-b")}
+    if ranks == "different":
+        paths["tiny-llama-lora-b"] = rank_8_adapter(demo_models, tmp_path)
+    for name, path in paths.items():
+        adapters.load(name, str(path))
+    executor = ThreadPoolExecutor(max_workers=1)
+    engine = BatchEngine(model, tokenizer, executor, lambda s: make_sampler(adapter_for("llama"), s), adapters=adapters)
+
+    def run(batch: list[str | None]) -> list[list[int]]:
+        outputs = [queue.Queue() for _ in batch]
+        executor.submit(lambda: None).result()  # the engine idle: all are queued before it starts
+        sequences = [
+            Sequence(tokenizer.encode(PROMPT), TOKENS, Sampling(temperature=0.0), out.put, adapter=adapter)
+            for adapter, out in zip(batch, outputs)
+        ]
+        for sequence in sequences:
+            engine._incoming.append(sequence)
+        with engine._lock:
+            engine._start()
+        texts = []
+        for out in outputs:
+            items = [out.get(timeout=60)]
+            while not items[-1].finish_reason:
+                items.append(out.get(timeout=60))
+            texts.append("".join(step.text for step in items))
+        return texts
+
+    try:
+        alone = {adapter: run([adapter])[0] for adapter in (None, "tiny-llama-lora-a", "tiny-llama-lora-b")}
+        mixed = [None, "tiny-llama-lora-a", "tiny-llama-lora-b", "tiny-llama-lora-a", None]
+        assert Watched.mixed_passes == 0
+        assert run(mixed) == [alone[adapter] for adapter in mixed]
+        assert Watched.mixed_passes >= TOKENS  # one batch: every decode step mixed them
+        assert len(set(alone.values())) == 3
+        reference, _ = load(str(demo_models / "tiny-llama"), adapter_path=str(paths["tiny-llama-lora-b"]))
+        from mlx_lm import generate
+        assert alone["tiny-llama-lora-b"] == generate(reference, tokenizer, PROMPT, max_tokens=TOKENS)
+    finally:
+        executor.shutdown()
