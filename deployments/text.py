@@ -120,10 +120,10 @@ class TextModel(GenerativeServer):
         return await asyncio.wrap_future(self.engine.between_steps(partial(self._load_adapter, adapter)))
 
     async def unload_adapter(self, adapter_id: str) -> None:
-        """Drop an adapter no request uses (the controller asks only then): its matrices go
-        with the last reference, on whatever thread; its prompt cache ages out."""
-        if self.adapters is not None:
-            self.adapters.unload(adapter_id)
+        """Drop an adapter no request uses (the controller asks only then), between two
+        decode steps like a load (layers restack the others); its prompt cache ages out."""
+        if self.engine is not None:
+            await asyncio.wrap_future(self.engine.between_steps(partial(self.adapters.unload, adapter_id)))
 
     def state(self) -> ReplicaState:
         state = super().state()
@@ -148,8 +148,8 @@ class TextModel(GenerativeServer):
             if self.kv is None
             else self.kv.reserve(self.kv_shape.bytes_for(len(prompt) + max_tokens))
         )
-        if job.adapter is not None:  # loaded already, unless this replica replaced one
-            await self.load_adapter(job.adapter)
+        if job.adapter is not None and job.adapter.id not in self.adapters.loaded:
+            await self.load_adapter(job.adapter)  # this replica replaced the one that had it
         async with reserved:
             async for batch in self._generate(job, prompt, max_tokens, in_reasoning):
                 yield batch

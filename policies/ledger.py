@@ -238,8 +238,8 @@ class Ledger:
         nodes = [n for n in self.nodes.values() if n.alive and record.entry.node in (None, n.name)]
         if record.entry.base is not None:
             base = self.models[record.entry.base]
-            if base.status != Status.LOADED:
-                raise LedgerError(f"adapter {model_id}: its base {base.id} is {base.status.value}, not loaded")
+            if base.status != Status.LOADED:  # its replica is being replaced, or its node left
+                return Wait(f"its base {base.id} is {base.status.value}")
             nodes = [self.nodes[base.node]]
         if not nodes:
             where = f"its node {record.entry.node} is not" if record.entry.node else "none of the fleet's nodes is"
