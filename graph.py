@@ -126,8 +126,11 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
             )
         )
     bases = {entry.id: entry for entry in catalog}
-    catalog += [_adapter_entry(spec, bases[spec.base], config) for spec in config.models if spec.base is not None]
-    return catalog
+    # In the config's order, each adapter built from its base's entry.
+    return [
+        bases[spec.id] if spec.base is None else _adapter_entry(spec, bases[spec.base], config)
+        for spec in config.models
+    ]
 
 
 def _adapter_entry(spec: ModelSpec, base: ModelEntry, config: AppConfig) -> ModelEntry:
