@@ -5,6 +5,10 @@ running batch as they arrive (mlx-lm's `BatchGenerator`, the machinery `mlx_lm.s
 uses) and leave it when they finish or their client goes away. Requests with a `seed` run
 alone: a seed sets MLX's global random state, which batch neighbours would share.
 
+Each decode step may speculate (`deployments.speculation`): rows propose tokens from their
+own history and one forward pass checks them, when the odds and the pass's measured cost
+say it pays; the output is the same token for token.
+
 Requests for a model's LoRA adapters share the batch with each other and with the base:
 each row of a forward pass adds its own adapter (`deployments.lora`). Work on the model
 itself (loading an adapter) runs between two decode steps.
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from policies.generation import Sampling
+from policies.speculation import PassCost, SpeculationCounts
 from policies.events import TokenLogprob, TopLogprob
 from policies.logs import module_logger
 
@@ -76,6 +81,8 @@ class BatchEngine:
         prompt_cache_bytes: int = 0,
         max_batch: int = 32,
         adapters: Any = None,
+        speculate: bool = False,
+        pass_cost: PassCost | None = None,
     ):
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -85,6 +92,9 @@ class BatchEngine:
         self.make_sampler = make_sampler
         self.max_batch = max_batch
         self.adapters = adapters  # deployments.lora.Adapters: which one the model runs with
+        self.speculation = SpeculationCounts() if speculate else None
+        # Kept across batches: what a pass costs on this machine.
+        self._pass_cost = pass_cost or PassCost()
         # KV caches of finished requests, keyed by their tokens: the next turn of a chat
         # starts from its longest cached prefix instead of reading the whole prompt again.
         self.prompt_cache = (
@@ -238,11 +248,12 @@ class BatchEngine:
 
         self._adapter_of.clear()
         model = self.model if self.adapters is None else RowsByCaller(self.model, self.adapters, self._adapter_of)
-        return BatchGenerator(
-            model,
-            stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
-            completion_batch_size=self.max_batch,
-        )
+        options = dict(stop_tokens=[[t] for t in self.tokenizer.eos_token_ids], completion_batch_size=self.max_batch)
+        if self.speculation is None:
+            return BatchGenerator(model, **options)
+        from deployments.speculation import SpeculativeGenerator
+
+        return SpeculativeGenerator(model, self.speculation, self._pass_cost, **options)
 
     def _insert(self, generator: Any, sequence: Sequence) -> int:
         sampler = self.make_sampler(sequence.sampling)

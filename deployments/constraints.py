@@ -50,6 +50,18 @@ class GrammarMask:
         self.started = False
         self.error: str | None = None  # set on the MLX thread when the matcher fails
 
+    def validate(self, tokens: list[int]) -> int:
+        """How many of `tokens`, the next one first, the grammar allows in a row (consumes
+        none): a speculative proposal is cut to those."""
+        if not self.started or self.matcher.is_error():
+            return 0
+        return self.matcher.validate_tokens(tokens)
+
+    def rollback(self, n: int) -> None:
+        """Take back the last `n` tokens consumed (a proposal's tail the model did not take)."""
+        if n and not self.matcher.rollback(n):
+            self.error = self.error or f"the grammar could not take back {n} tokens"
+
     def __call__(self, tokens: Any, logits: Any) -> Any:
         """Runs on the MLX thread only: the matcher is not to be touched from elsewhere."""
         import mlx.core as mx

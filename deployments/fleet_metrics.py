@@ -30,6 +30,16 @@ def fleet_metrics() -> dict[str, Any]:
         "process_bytes": Gauge(
             "fleet_model_process_bytes", "A loaded model's replica process, weights included.", placed
         ),
+        "proposed_tokens": Gauge(
+            "fleet_model_speculative_proposed_tokens",
+            "Tokens a text model's replica proposed to itself by prompt lookup since it started.",
+            placed,
+        ),
+        "accepted_tokens": Gauge(
+            "fleet_model_speculative_accepted_tokens",
+            "Proposed tokens the model agreed with (acceptance rate: accepted / proposed).",
+            placed,
+        ),
         "budget": Gauge("fleet_memory_budget_bytes", "A node's memory limit (0: not in the cluster).", node),
         "used": Gauge("fleet_memory_used_bytes", "Bytes held by loaded and loading models on a node.", node),
         "loads": Counter("fleet_model_loads_total", "Model loads.", model),
@@ -66,6 +76,9 @@ def publish_gauges(metrics: dict[str, Any], ledger: Ledger, several_nodes: bool)
         metrics["prompt_cache_bytes"].set(r.usage.prompt_cache_bytes, tags=tags)
         metrics["kv_bytes"].set(r.usage.kv_bytes, tags=tags)
         metrics["sequences"].set(r.usage.sequences, tags=tags)
+        speculation = r.usage.speculation
+        metrics["proposed_tokens"].set(speculation.proposed if speculation else 0, tags=tags)
+        metrics["accepted_tokens"].set(speculation.accepted if speculation else 0, tags=tags)
         measured = r.measured if r.holds_memory else None
         metrics["weights_bytes"].set(measured.weights_bytes if measured else 0, tags=tags)
         metrics["process_bytes"].set(r.process_bytes if measured else 0, tags=tags)

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from policies.errors import ApiError
 from policies.kv import KvAsk, Usage
+from policies.speculation import SpeculationCounts
 from policies.logs import module_logger
 
 logger = module_logger(__name__)
@@ -48,7 +49,7 @@ class KvHold:
         self._release: asyncio.TimerHandle | None = None
         self._giving_back: asyncio.Task | None = None
 
-    def usage(self, process_bytes: int | None, kv_bytes_per_token: int) -> Usage:
+    def usage(self, process_bytes: int | None, kv_bytes_per_token: int, speculation: SpeculationCounts | None) -> Usage:
         return Usage(
             prompt_cache_bytes=self._prompt_cache_bytes(),
             kv_bytes=self.reserved,
@@ -56,6 +57,7 @@ class KvHold:
             held_bytes=self.granted,
             process_bytes=process_bytes,
             kv_bytes_per_token=kv_bytes_per_token,
+            speculation=speculation,
         )
 
     @asynccontextmanager

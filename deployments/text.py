@@ -201,7 +201,8 @@ class TextModel(GenerativeServer):
         # Measured only while nothing runs: then the process holds just the prompt cache.
         idle = not self.kv.sequences
         process = self.resident_bytes() - self._prompt_cache_bytes() if idle else None
-        return self.kv.usage(process, self.kv_shape.bytes_per_token)
+        speculation = self.engine.speculation
+        return self.kv.usage(process, self.kv_shape.bytes_per_token, replace(speculation) if speculation else None)
 
     async def _ask_controller(self, ask: KvAsk) -> int | None:
         if self._controller is None:
@@ -265,12 +266,23 @@ class TextModel(GenerativeServer):
             partial(make_sampler, self.adapter),
             prompt_cache_bytes=self.prompt_cache_bytes,
             adapters=self.adapters,
+            speculate=self._speculates(),
         )
         self.kv_shape = measure_kv_shape(self.model)
         if self.prompt_store_bytes and self.engine.prompt_cache is not None:
             self.prompt_store = PromptStore(
                 self.prompt_store_dir, model_key(self.entry.deployment, path), self.prompt_store_bytes
             )
+
+    def _speculates(self) -> bool:
+        if self.entry.speculative != "prompt_lookup":
+            return False
+        from deployments.speculation import can_speculate
+
+        if not can_speculate(self.model):
+            logger.info("model %s: its KV cache cannot be rewound row by row; decoding does not speculate", self.entry.id)
+            return False
+        return True
 
     async def _after_load(self, report: LoadReport) -> LoadReport:
         """Read back the prompt cache saved when the model was last unloaded, as far as the

@@ -7,7 +7,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 
@@ -115,6 +115,11 @@ class ModelSpec(BaseModel):
         default=None,
         description="Another model's id: this one is a LoRA adapter of it (`path` is the adapter's "
         "directory), served in the base's replica and charged only its own bytes.",
+    )
+    speculative: Literal[False, "prompt_lookup"] | None = Field(
+        default=None,
+        description="Text models: `prompt_lookup` (the default) proposes tokens from the prompt and "
+        "the answer so far, checked by the model in one pass when that pays; `false`: never.",
     )
 
     @field_validator("id")
@@ -301,10 +306,11 @@ class AppConfig(BaseModel):
                     + ("an adapter itself" if base is not None else "not in `models`")
                     + ": `base` names a model of the catalog that is not an adapter"
                 )
-            if spec.node is not None or spec.type is not None or spec.max_context is not None:
+            own = (spec.node, spec.type, spec.max_context, spec.speculative)
+            if any(value is not None for value in own):
                 raise ValueError(
                     f"model {spec.id!r} is an adapter: it runs where its base runs, as its base "
-                    "does (no `node`, `type` or `max_context` of its own)"
+                    "does (no `node`, `type`, `max_context` or `speculative` of its own)"
                 )
         return self
 
@@ -339,6 +345,7 @@ class ModelEntry:
     max_context: int | None = None
     node: str | None = None  # the only node it may run on
     base: str | None = None  # a LoRA adapter of this model: served in its replica
+    speculative: str | None = None  # text models: how decoding speculates ("prompt_lookup"), or None
 
     def placements(self, nodes: list[str]) -> dict[str, str]:
         """{node: the model's deployment there} for the nodes it may run on."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from policies.speculation import SpeculationCounts
+
 # mlx-lm's KVCache grows its buffers by this many tokens at a time.
 KV_STEP_TOKENS = 256
 
@@ -47,7 +49,8 @@ class KvAsk:
 
 @dataclass(frozen=True)
 class Usage:
-    """What a text model's replica holds beyond its process, as it reports it."""
+    """What a text model's replica holds beyond its process, and what its decoding
+    speculated, as it reports it."""
 
     prompt_cache_bytes: int = 0  # KV caches of finished requests kept for their next turn
     kv_bytes: int = 0  # KV reserved for the sequences running now (prompt + max_tokens each)
@@ -55,3 +58,4 @@ class Usage:
     held_bytes: int = 0  # what the controller granted: covers the two above
     process_bytes: int | None = None  # the process without those, when last measured idle
     kv_bytes_per_token: int = 0  # what a token adds to a sequence (shorter than any window)
+    speculation: SpeculationCounts | None = None  # None: the model does not speculate

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from policies.config import LOCAL_NODE, ModelEntry
 from policies.eviction import Evict, Insufficient, Resident, headroom
+from policies.speculation import SpeculationCounts
 from policies.kv import Usage
 from policies.room import Space, Wait, decide
 from policies.logs import module_logger
@@ -639,6 +640,7 @@ class Ledger:
             "held_bytes": r.held if r.holds_memory else None,
             "sequences": r.usage.sequences,
             "kv_bytes_per_token": r.usage.kv_bytes_per_token or None,
+            "speculation": speculation_view(r.usage.speculation),
             "last_used": r.last_used,
             "idle_unload_in_s": None if idle_left is None else round(max(0.0, idle_left), 1),
             "in_flight": len(r.leases),
@@ -655,3 +657,14 @@ class Ledger:
             "evictions": r.evictions,
         }
 
+
+def speculation_view(counts: SpeculationCounts | None) -> dict[str, Any] | None:
+    """A replica's speculation as /admin/models shows it (None: it does not speculate)."""
+    if counts is None:
+        return None
+    return {
+        "proposed_tokens": counts.proposed,
+        "accepted_tokens": counts.accepted,
+        "acceptance_rate": counts.acceptance_rate,
+        "passes": counts.passes,
+    }

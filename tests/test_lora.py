@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from policies.adapters import read_adapter_config
+from tests.test_speculation import EveryPass
 
 PROMPT = "the quick brown fox"
 TOKENS = 24
@@ -96,11 +97,12 @@ def rank_8_adapter(demo_models, folder):
     return folder / "rank-8"
 
 
-@pytest.mark.parametrize("ranks", ["equal", "different"])
-def test_one_batch_mixes_adapters_and_each_row_answers_as_alone(demo_models, tmp_path, ranks):
+@pytest.mark.parametrize("ranks,speculate", [("equal", False), ("different", False), ("different", True)])
+def test_one_batch_mixes_adapters_and_each_row_answers_as_alone(demo_models, tmp_path, ranks, speculate):
     """The engine's batch runs base and adapter rows together (one generator, one forward
     pass per step): each answers exactly as it does alone, and as mlx-lm with the adapter.
-    Adapters of one rank share one gathered product; of different ranks, one each."""
+    Adapters of one rank share one gathered product; of different ranks, one each. With
+    speculation, a verify pass runs each row's proposal with the row's adapter."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
@@ -130,7 +132,10 @@ def test_one_batch_mixes_adapters_and_each_row_answers_as_alone(demo_models, tmp
     for name, path in paths.items():
         adapters.load(name, str(path))
     executor = ThreadPoolExecutor(max_workers=1)
-    engine = BatchEngine(model, tokenizer, executor, lambda s: make_sampler(adapter_for("llama"), s), adapters=adapters)
+    engine = BatchEngine(
+        model, tokenizer, executor, lambda s: make_sampler(adapter_for("llama"), s), adapters=adapters,
+        speculate=speculate, pass_cost=EveryPass() if speculate else None,
+    )
 
     def run(batch: list[str | None]) -> list[list[int]]:
         outputs = [queue.Queue() for _ in batch]
@@ -156,7 +161,10 @@ def test_one_batch_mixes_adapters_and_each_row_answers_as_alone(demo_models, tmp
         mixed = [None, "tiny-llama-lora-a", "tiny-llama-lora-b", "tiny-llama-lora-a", None]
         assert Watched.mixed_passes == 0
         assert run(mixed) == [alone[adapter] for adapter in mixed]
-        assert Watched.mixed_passes >= TOKENS  # one batch: every decode step mixed them
+        if speculate:  # fewer passes than tokens, each one mixed
+            assert engine.speculation.accepted > 0 and Watched.mixed_passes >= TOKENS // 9
+        else:
+            assert Watched.mixed_passes >= TOKENS  # one batch: every decode step mixed them
         assert len(set(alone.values())) == 3
         reference, _ = load(str(demo_models / "tiny-llama"), adapter_path=str(paths["tiny-llama-lora-b"]))
         from mlx_lm import generate

@@ -1,0 +1,225 @@
+"""Speculative decoding inside mlx-lm's continuous batch (prompt lookup).
+
+A decode step of `SpeculativeBatch` takes each row's pending token, lets the row propose
+the tokens that may follow it (`policies.speculation.PromptLookup`), and runs one forward
+pass over every row's pending token and proposal: the model's own choice at each position
+(its sampler, after the row's logits processors) is compared with the proposal, and the
+row takes its pending token, the proposed tokens the model agreed with, and the model's
+choice after them as its next pending token. Every emitted token is one the model chose
+given exactly the tokens before it, so greedy output equals plain decoding token for token,
+and a sampled token is a draw from the same distribution (for a proposal that is one fixed
+token, accepting it iff the draw equals it is the standard rejection rule).
+
+Rows whose proposals were cut short have their KV cache rewound by what was not taken. A
+step where no row proposes anything is mlx-lm's own (pipelined) step.
+
+Written against mlx-lm 0.32's `GenerationBatch` (its rows' `tokens`, `_next_tokens`,
+`_next_logprobs`, `_token_context`, `_num_tokens`, `_matchers`), as `deployments.lora` is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import KVCache, dynamic_roll, make_prompt_cache
+
+from policies.speculation import DRAFT_MAX, Odds, PassCost, PromptLookup, SpeculationCounts, tokens_to_propose
+
+
+def can_speculate(model: Any) -> bool:
+    """Whether every layer's cache can be rewound row by row (plain KV caches; not sliding
+    windows, quantized or recurrent state)."""
+    return all(type(layer) is KVCache for layer in make_prompt_cache(model))
+
+
+def rewind_rows(cache: list[Any], counts: list[int]) -> None:
+    """Drop the last `counts[i]` positions of row i from each layer of a batch KV cache.
+
+    The rows share one write index: what all rows drop is trimmed, and a row dropping more
+    is shifted right by the difference, the dropped positions becoming left padding."""
+    least = min(counts)
+    extra = [n - least for n in counts]
+    shift = mx.array(extra) if any(extra) else None
+    for layer in cache:
+        if least:
+            layer.trim(least)
+        if shift is not None:
+            layer.keys = dynamic_roll(layer.keys, shift[:, None], axis=2)
+            layer.values = dynamic_roll(layer.values, shift[:, None], axis=2)
+            layer.offset = layer.offset - shift
+            layer.left_padding = layer.left_padding + shift
+
+
+class SpeculativeBatch(GenerationBatch):
+    """mlx-lm's generation batch whose rows propose tokens from their own history."""
+
+    counts: SpeculationCounts
+    cost: PassCost
+    lookups: dict[int, PromptLookup]
+    odds: dict[int, Odds]
+
+    @classmethod
+    def for_model(cls, model: Any, sampler: Any, counts: SpeculationCounts, cost: PassCost) -> "SpeculativeBatch":
+        batch = cls.empty(model, sampler)
+        batch.counts, batch.cost, batch.lookups, batch.odds = counts, cost, {}, {}
+        return batch
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        kept = set(self.uids)
+        for by_uid in (self.lookups, self.odds):
+            for uid in [uid for uid in by_uid if uid not in kept]:
+                del by_uid[uid]
+
+    def next(self) -> list[GenerationBatch.Response]:
+        if not self.uids:
+            return []
+        rows = len(self.uids)
+        proposed = tokens_to_propose(self._observe(), self.cost, DRAFT_MAX)
+        if proposed:
+            mx.eval(self._next_tokens)  # what the rows propose follows their pending token
+            started = time.perf_counter()
+            pending = self._next_tokens.tolist()
+            drafts = [self._propose(row, pending[row], proposed) for row in range(rows)]
+            if any(drafts):
+                responses = self._verify(pending, drafts)
+                self.cost.observe_pass(rows, max(map(len, drafts)), time.perf_counter() - started)
+                return responses
+        started = time.perf_counter()
+        responses = super().next()
+        self.cost.observe_plain(rows, time.perf_counter() - started)
+        return responses
+
+    def _observe(self) -> list[Odds | None]:
+        """Each row's odds, after scoring its guesses on the tokens it added; None for a row
+        whose logits processors cannot check a proposal."""
+        odds: list[Odds | None] = []
+        for row, uid in enumerate(self.uids):
+            lookup = self.lookups.get(uid)
+            if lookup is None:  # a new row: its prompt teaches its first odds
+                lookup, self.odds[uid] = self.lookups.setdefault(uid, PromptLookup()), Odds()
+            self.odds[uid].observe(lookup, self.tokens[row][len(lookup.tokens) :])
+            processors = self.logits_processors[row]
+            checkable = all(hasattr(p, "validate") and hasattr(p, "rollback") for p in processors)
+            odds.append(self.odds[uid] if checkable else None)
+        return odds
+
+    def _propose(self, row: int, pending: int, limit: int) -> list[int]:
+        # The pending token counts against max_tokens too.
+        limit = min(limit, self.max_tokens[row] - self._num_tokens[row] - 1)
+        processors = self.logits_processors[row]
+        if limit <= 0 or not all(hasattr(p, "validate") for p in processors):
+            return []
+        proposal = self.lookups[self.uids[row]].propose(limit, after=pending)
+        for processor in processors:
+            proposal = proposal[: max(0, processor.validate([pending, *proposal]) - 1)]
+        return proposal
+
+    def _verify(self, pending: list[int], drafts: list[list[int]]) -> list[GenerationBatch.Response]:
+        width = max(len(d) for d in drafts) + 1
+        # Short rows are padded with their pending token: those positions are never taken.
+        inputs = mx.array(
+            [[p, *d, *[p] * (width - 1 - len(d))] for p, d in zip(pending, drafts)], dtype=mx.uint32
+        )
+        logits = self.model(inputs, cache=self.prompt_cache)
+        logits, contexts = self._process(inputs, logits, drafts)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        samplers = [self.fallback_sampler if s is None else s for s in self.samplers]
+        if all(s is samplers[0] for s in samplers):
+            chosen = samplers[0](logprobs.reshape(-1, logprobs.shape[-1])).reshape(len(pending), width)
+        else:
+            chosen = mx.stack([s(logprobs[row]) for row, s in enumerate(samplers)])
+        mx.eval(chosen)
+        chosen = chosen.tolist()
+
+        responses: list[GenerationBatch.Response] = []
+        rewind, keep, next_tokens, next_logprobs = [], [], [], []
+        for row, (uid, draft) in enumerate(zip(self.uids, drafts)):
+            agreed = 0
+            while agreed < len(draft) and chosen[row][agreed] == draft[agreed]:
+                agreed += 1
+            emitted = [pending[row], *draft[:agreed]]
+            emitted_logprobs = [self._next_logprobs[row], *(logprobs[row, j] for j in range(agreed))]
+            finish = None
+            for taken, token in enumerate(emitted, 1):
+                self._num_tokens[row] += 1
+                if self._num_tokens[row] >= self.max_tokens[row]:
+                    finish = "length"
+                if self._matchers[row].advance(token):
+                    finish = "stop"
+                if finish:
+                    break
+            kept = taken - 1  # proposed tokens that stay in the cache
+            rewind.append(width - 1 - kept)
+            self.tokens[row].extend(emitted[:taken])
+            if self.logits_processors[row]:
+                if len(draft) > kept:
+                    for processor in self.logits_processors[row]:
+                        processor.rollback(len(draft) - kept)
+                # The row's context holds what it holds in the cache (mlx-lm's TokenBuffer).
+                self._token_context[row]._size = contexts[row] + 1 + kept
+            self.counts.proposed += len(draft)
+            self.counts.accepted += kept
+            next_tokens.append(chosen[row][kept])
+            next_logprobs.append(logprobs[row, kept])
+            for j in range(taken):
+                last = j == taken - 1
+                responses.append(
+                    self.Response(
+                        uid=uid,
+                        token=emitted[j],
+                        logprobs=emitted_logprobs[j],
+                        finish_reason=finish if last else None,
+                        prompt_cache=None,
+                        all_tokens=None,
+                    )
+                )
+            if finish is None:
+                keep.append(row)
+        self.counts.passes += 1
+        rewind_rows(self.prompt_cache, rewind)
+        self._next_tokens = mx.array(next_tokens, dtype=mx.uint32)
+        self._next_logprobs = next_logprobs
+        for response in responses:
+            if response.finish_reason:
+                row = self.uids.index(response.uid)
+                response.prompt_cache = self.extract_cache(row)
+                response.all_tokens = self.tokens[row]
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+    def _process(self, inputs: mx.array, logits: mx.array, drafts: list[list[int]]) -> tuple[mx.array, dict[int, int]]:
+        """The rows' logits processors over their pending token and proposal, position by
+        position (each sees the tokens before it); and each such row's context length
+        before this step."""
+        contexts: dict[int, int] = {}
+        if not any(self.logits_processors):
+            return logits, contexts
+        rows = []
+        for row, processors in enumerate(self.logits_processors):
+            if not processors:
+                rows.append(logits[row])
+                continue
+            n = len(drafts[row]) + 1
+            context = self._token_context[row].update_and_fetch(inputs[row, :n])
+            contexts[row] = context.size - n
+            positions = []
+            for j in range(n):
+                position = logits[row, j : j + 1]
+                for processor in processors:
+                    position = processor(context[: contexts[row] + j + 1], position)
+                positions.append(position)
+            rows.append(mx.concatenate([*positions, logits[row, n:]], axis=0))
+        return mx.stack(rows), contexts
+
+
+class SpeculativeGenerator(BatchGenerator):
+    """mlx-lm's BatchGenerator whose decode steps speculate (`SpeculativeBatch`)."""
+
+    def __init__(self, model: Any, counts: SpeculationCounts, cost: PassCost, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self._generation_batch = SpeculativeBatch.for_model(self.model, self.sampler, counts, cost)
