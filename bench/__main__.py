@@ -28,6 +28,7 @@ SUITE: dict[str, int | None] = {
     "gguf": 3,
     "structured": 3,
     "adapters": 2,
+    "speculation": 2,
     "memory": None,
 }
 

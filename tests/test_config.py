@@ -74,6 +74,9 @@ def test_full_model_spec():
          "which is an adapter itself"),
         ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a", "max_context": 9}]},
          "runs where its base runs"),
+        ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a", "speculative": False}]},
+         "runs where its base runs"),
+        ({"models": [{"id": "a", "path": "p", "speculative": "draft"}]}, "speculative"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(args, words):
@@ -118,6 +121,14 @@ def test_catalog_resolves_local_dirs_and_detects_family(tmp_path):
     assert (entry.type, entry.family) == ("text-generation", "qwen")
     assert entry.memory_bytes == 1_000_000_000
     assert entry.deployment == "q"
+
+
+def test_text_models_speculate_by_prompt_lookup_unless_told_not_to(tmp_path):
+    path = write_model(tmp_path / "m", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
+    default, off = build_catalog(
+        config(models=[{"id": "q", "path": path}, {"id": "r", "path": path, "speculative": False}])
+    )
+    assert (default.speculative, off.speculative) == ("prompt_lookup", None)
 
 
 def test_config_overrides_detection(tmp_path):

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from policies.config import AppConfig
+from tests.conftest import wait_for
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = [
@@ -42,11 +43,11 @@ def in_process(demo_models):
     folder = converted_model_dir(gguf, defaults["gguf_cache_dir"].default, defaults["gguf_dequantize"].get_default(call_default_factory=True))
     model, tokenizer = load(str(folder))
 
-    def generate(history: list[dict]) -> str:
+    def generate(history: list[dict], max_tokens: int = MAX_TOKENS) -> str:
         from mlx_lm import generate as mlx_generate
 
         prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return mlx_generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
+        return mlx_generate(model, tokenizer, prompt, max_tokens=max_tokens)
 
     return generate
 
@@ -88,3 +89,28 @@ def test_a_second_turn_from_the_prompt_cache_is_the_same_as_without_it(client, i
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
     # The server starts the second turn from the first turn's cached KV; mlx-lm reads it all.
     assert ask(client, second) == in_process(second)
+
+
+def test_a_copy_heavy_answer_speculates_and_is_the_one_mlx_lm_gives(client, http, in_process):
+    """An edit that repeats most of its input: the server's decoding takes proposals from
+    the prompt (prompt lookup), and its answer, plain and streamed, is still mlx-lm's own
+    without speculation, token for token."""
+    code = "\n".join(f"def function_{i}(value):\n    return value * {i}\n" for i in range(6))
+    history = messages(f"Rewrite this Python code, renaming `value` to `x`. Output only the code.\n\n{code}")
+
+    def speculation() -> dict:
+        view = http.get("/admin/models").json()
+        return next(m for m in view["models"] if m["id"] == MODEL)["speculation"] or {}
+
+    before = speculation().get("accepted_tokens", 0)
+    options = dict(model=MODEL, messages=history, temperature=0, max_tokens=120)
+    answer = client.chat.completions.create(**options)
+    stream = client.chat.completions.create(**options, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    expected = in_process(history, 120)
+    assert answer.choices[0].message.content == streamed == expected
+    assert answer.usage.completion_tokens <= 120
+    # The replica reports its counts with its usage, checked every 10 s.
+    wait_for(lambda: speculation().get("accepted_tokens", 0) > before, "accepted proposals in /admin/models", 30)
+    counts = speculation()
+    assert 0 < counts["accepted_tokens"] <= counts["proposed_tokens"] and 0 < counts["acceptance_rate"] <= 1
