@@ -27,7 +27,7 @@ from deployments.warm_workers import model_runtime_env
 from policies.adapters import read_adapter_config
 from policies.config import AppConfig, ModelEntry, ModelSpec, deployment_name
 from policies.detection import TEXT, detect, gguf_file, read_gguf_metadata
-from policies.features import served_context, text_features
+from policies.features import same_vocabulary, served_context, text_features
 
 
 # A resource only the head node has (Ray adds it): actors asking for a sliver run there.
@@ -127,11 +127,26 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
             )
         )
     bases = {entry.id: entry for entry in catalog}
+    for spec in config.models:
+        if spec.draft is not None:
+            bases[spec.id] = _with_draft(bases[spec.id], bases[spec.draft])
     # In the config's order, each adapter built from its base's entry.
     return [
         bases[spec.id] if spec.base is None else _adapter_entry(spec, bases[spec.base], config)
         for spec in config.models
     ]
+
+
+def _with_draft(entry: ModelEntry, draft: ModelEntry) -> ModelEntry:
+    """A text model whose replica also runs `draft`'s weights to propose its tokens."""
+    if entry.type != TEXT or draft.type != TEXT:
+        raise ConfigError(f"model {entry.id!r}: a draft ({draft.id!r}) works between two text models")
+    if same_vocabulary(entry.path, draft.path) is False:
+        raise ConfigError(
+            f"model {entry.id!r}: its draft {draft.id!r} has another vocabulary; a draft must "
+            "share the model's tokenizer"
+        )
+    return replace(entry, draft=draft.id, draft_path=draft.path)
 
 
 def _adapter_entry(spec: ModelSpec, base: ModelEntry, config: AppConfig) -> ModelEntry:

@@ -34,7 +34,7 @@ from bench.throughput import stream_chat, wait_until_loaded
 
 MODELS = {"smollm2": "models/smollm2-135m-instruct", "bench": "models/bench-llama-20m"}
 MAX_TOKENS = 256
-LINES = 200
+LINES = 200  # about 3,900 prompt tokens
 CHANGES = [
     ("item 17", "item seventeen"),
     ("item 42", "item forty-two"),
@@ -54,7 +54,8 @@ def app_args() -> dict:
 def edit_messages(change: int = 0) -> list[dict[str, str]]:
     text = "\n".join(f"- item {i}: the shelf holds {i * 3} boxes of size {i % 7 + 1}" for i in range(1, LINES + 1))
     old, new = CHANGES[change]
-    ask = f"Rewrite the following list exactly, changing only `{old}` to `{new}`.\n\n{text}"
+    # The text first: the requests share it as a prefix, which the prompt cache reads once.
+    ask = f"{text}\n\nRewrite the list above exactly, changing only `{old}` to `{new}`."
     return [{"role": "user", "content": ask}]
 
 
@@ -80,7 +81,8 @@ def main() -> None:
         for name in MODELS:
             for model_id in (name, f"{name}-plain"):
                 wait_until_loaded(client, model_id)
-                stream_chat(client, model_id, 8, edit_messages())  # reads the text into the prompt cache
+                print(f"{model_id}: reading the text into the prompt cache", flush=True)
+                stream_chat(client, model_id, 8, edit_messages())
         for repeat in range(repeats):
             for name in MODELS:
                 texts: dict[str, dict[str, str]] = defaultdict(dict)

@@ -83,6 +83,7 @@ class BatchEngine:
         adapters: Any = None,
         speculate: bool = False,
         pass_cost: PassCost | None = None,
+        draft: Any = None,
     ):
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -92,7 +93,9 @@ class BatchEngine:
         self.make_sampler = make_sampler
         self.max_batch = max_batch
         self.adapters = adapters  # deployments.lora.Adapters: which one the model runs with
-        self.speculation = SpeculationCounts() if speculate else None
+        # A draft model (same vocabulary) proposes in place of prompt lookup.
+        self.draft = draft
+        self.speculation = SpeculationCounts() if speculate or draft is not None else None
         # Kept across batches: what a pass costs on this machine.
         self._pass_cost = pass_cost or PassCost()
         # KV caches of finished requests, keyed by their tokens: the next turn of a chat
@@ -253,7 +256,7 @@ class BatchEngine:
             return BatchGenerator(model, **options)
         from deployments.speculation import SpeculativeGenerator
 
-        return SpeculativeGenerator(model, self.speculation, self._pass_cost, **options)
+        return SpeculativeGenerator(model, self.speculation, self._pass_cost, self.draft, **options)
 
     def _insert(self, generator: Any, sequence: Sequence) -> int:
         sampler = self.make_sampler(sequence.sampling)

@@ -23,10 +23,10 @@ import time
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, _merge_caches
 from mlx_lm.models.cache import KVCache, dynamic_roll, make_prompt_cache
 
-from policies.speculation import DRAFT_MAX, Odds, PassCost, PromptLookup, SpeculationCounts, tokens_to_propose
+from policies.speculation import DRAFT_MAX, DRAFT_MODEL_TOKENS, Odds, PassCost, PromptLookup, SpeculationCounts, pass_share, tokens_to_propose
 
 
 def can_speculate(model: Any) -> bool:
@@ -53,6 +53,69 @@ def rewind_rows(cache: list[Any], counts: list[int]) -> None:
             layer.left_padding = layer.left_padding + shift
 
 
+class DraftRows:
+    """A draft model's KV cache, row for row beside the target's generation batch: it
+    proposes each row's next tokens greedily (a point-mass draft, so keeping a proposed
+    token exactly when the target's own choice equals it is the rejection rule)."""
+
+    PREFILL_STEP = 512
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.cache: list[Any] | None = None
+        self.seen: list[int] = []  # tokens of each row's history its draft cache holds
+
+    def join(self, histories: list[list[int]]) -> None:
+        """Read the histories of rows that joined the batch (after those already in it)."""
+        caches = []
+        for tokens in histories:
+            cache = make_prompt_cache(self.model)
+            for start in range(0, len(tokens), self.PREFILL_STEP):
+                self.model(mx.array(tokens[start : start + self.PREFILL_STEP])[None], cache=cache)
+                mx.eval([layer.state for layer in cache])
+            caches.append(cache)
+            self.seen.append(len(tokens))
+        joined = _merge_caches(caches)
+        if self.cache is None:
+            self.cache = joined
+        else:
+            for layer, new in zip(self.cache, joined):
+                layer.extend(new)
+
+    def filter(self, keep: list[int]) -> None:
+        self.seen = [self.seen[row] for row in keep]
+        if not keep:
+            self.cache = None
+        elif self.cache is not None:
+            for layer in self.cache:
+                layer.filter(keep)
+
+    def propose(self, histories: list[list[int]], pending: list[int], count: int) -> list[list[int]]:
+        """`count` tokens per row after its history and pending token: one pass that reads
+        what each row's draft cache lacks (rows padded at the end, then rewound), then
+        `count - 1` one-token passes."""
+        feeds = [[*history[seen:], token] for history, seen, token in zip(histories, self.seen, pending)]
+        width = max(map(len, feeds))
+        inputs = mx.array([[*feed, *[feed[-1]] * (width - len(feed))] for feed in feeds], dtype=mx.uint32)
+        logits = self.model(inputs, cache=self.cache)
+        rows = mx.arange(len(feeds))
+        token = mx.argmax(logits[rows, mx.array([len(feed) - 1 for feed in feeds])], axis=-1)
+        rewind_rows(self.cache, [width - len(feed) for feed in feeds])
+        proposals = [token]
+        for _ in range(count - 1):
+            token = mx.argmax(self.model(token[:, None], cache=self.cache)[:, -1], axis=-1)
+            proposals.append(token)
+        self.seen = [len(history) + count for history in histories]  # pending and count - 1 proposals
+        return mx.stack(proposals, axis=1).tolist()
+
+    def settle(self, histories: list[list[int]]) -> None:
+        """After a verify pass: each row's cache back to what its history (now holding the
+        tokens it kept) has in common with what the draft read."""
+        drop = [max(0, seen - len(history)) for seen, history in zip(self.seen, histories)]
+        rewind_rows(self.cache, drop)
+        self.seen = [seen - d for seen, d in zip(self.seen, drop)]
+
+
 class SpeculativeBatch(GenerationBatch):
     """mlx-lm's generation batch whose rows propose tokens from their own history."""
 
@@ -62,13 +125,23 @@ class SpeculativeBatch(GenerationBatch):
     odds: dict[int, Odds]
 
     @classmethod
-    def for_model(cls, model: Any, sampler: Any, counts: SpeculationCounts, cost: PassCost) -> "SpeculativeBatch":
+    def for_model(
+        cls, model: Any, sampler: Any, counts: SpeculationCounts, cost: PassCost, draft: Any = None
+    ) -> "SpeculativeBatch":
         batch = cls.empty(model, sampler)
         batch.counts, batch.cost, batch.lookups, batch.odds = counts, cost, {}, {}
+        batch.draft = DraftRows(draft) if draft is not None else None
         return batch
+
+    def extend(self, batch: GenerationBatch) -> None:
+        super().extend(batch)
+        if self.draft is not None:
+            self.draft.join(batch.tokens)
 
     def filter(self, keep: list[int]) -> None:
         super().filter(keep)
+        if self.draft is not None:
+            self.draft.filter(keep)
         kept = set(self.uids)
         for by_uid in (self.lookups, self.odds):
             for uid in [uid for uid in by_uid if uid not in kept]:
@@ -78,6 +151,8 @@ class SpeculativeBatch(GenerationBatch):
         if not self.uids:
             return []
         rows = len(self.uids)
+        if self.draft is not None:
+            return self._next_from_draft(rows)
         proposed = tokens_to_propose(self._observe(), self.cost, DRAFT_MAX)
         if proposed:
             mx.eval(self._next_tokens)  # what the rows propose follows their pending token
@@ -107,14 +182,25 @@ class SpeculativeBatch(GenerationBatch):
             odds.append(self.odds[uid] if checkable else None)
         return odds
 
+    def _next_from_draft(self, rows: int) -> list[GenerationBatch.Response]:
+        count = min(DRAFT_MODEL_TOKENS, pass_share(rows))
+        if not count:
+            return super().next()
+        mx.eval(self._next_tokens)
+        pending = self._next_tokens.tolist()
+        proposals = self.draft.propose(self.tokens, pending, count)
+        return self._verify(pending, [self._cut(row, pending[row], p) for row, p in enumerate(proposals)])
+
     def _propose(self, row: int, pending: int, limit: int) -> list[int]:
-        # The pending token counts against max_tokens too.
-        limit = min(limit, self.max_tokens[row] - self._num_tokens[row] - 1)
-        processors = self.logits_processors[row]
-        if limit <= 0 or not all(hasattr(p, "validate") for p in processors):
-            return []
-        proposal = self.lookups[self.uids[row]].propose(limit, after=pending)
-        for processor in processors:
+        return self._cut(row, pending, self.lookups[self.uids[row]].propose(limit, after=pending))
+
+    def _cut(self, row: int, pending: int, proposal: list[int]) -> list[int]:
+        """A row's proposal as far as it may go: within max_tokens (the pending token counts
+        too) and what its logits processors allow (none, if they cannot check it)."""
+        proposal = proposal[: max(0, self.max_tokens[row] - self._num_tokens[row] - 1)]
+        for processor in self.logits_processors[row]:
+            if not hasattr(processor, "validate"):
+                return []
             proposal = proposal[: max(0, processor.validate([pending, *proposal]) - 1)]
         return proposal
 
@@ -181,6 +267,8 @@ class SpeculativeBatch(GenerationBatch):
                 keep.append(row)
         self.counts.passes += 1
         rewind_rows(self.prompt_cache, rewind)
+        if self.draft is not None:
+            self.draft.settle(self.tokens)
         self._next_tokens = mx.array(next_tokens, dtype=mx.uint32)
         self._next_logprobs = next_logprobs
         for response in responses:
@@ -220,6 +308,6 @@ class SpeculativeBatch(GenerationBatch):
 class SpeculativeGenerator(BatchGenerator):
     """mlx-lm's BatchGenerator whose decode steps speculate (`SpeculativeBatch`)."""
 
-    def __init__(self, model: Any, counts: SpeculationCounts, cost: PassCost, **kwargs: Any):
+    def __init__(self, model: Any, counts: SpeculationCounts, cost: PassCost, draft: Any = None, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self._generation_batch = SpeculativeBatch.for_model(self.model, self.sampler, counts, cost)
+        self._generation_batch = SpeculativeBatch.for_model(self.model, self.sampler, counts, cost, draft)

@@ -240,10 +240,7 @@ class TextModel(GenerativeServer):
     def _load(self) -> None:
         from mlx_lm import load
 
-        path = self.entry.path
-        gguf = gguf_file(path)
-        if gguf is not None:
-            path = str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
+        path = self._mlx_lm_folder(self.entry.path)
         self.model, self.tokenizer, model_config = load(path, return_config=True)
         # As the catalog has it (from the files at start), or, for a model only downloaded
         # now, from the config that came with it: by the same rule either way.
@@ -267,6 +264,7 @@ class TextModel(GenerativeServer):
             prompt_cache_bytes=self.prompt_cache_bytes,
             adapters=self.adapters,
             speculate=self._speculates(),
+            draft=self._load_draft(),
         )
         self.kv_shape = measure_kv_shape(self.model)
         if self.prompt_store_bytes and self.engine.prompt_cache is not None:
@@ -274,8 +272,30 @@ class TextModel(GenerativeServer):
                 self.prompt_store_dir, model_key(self.entry.deployment, path), self.prompt_store_bytes
             )
 
+    def _mlx_lm_folder(self, path: str) -> str:
+        """The folder mlx-lm loads: the model's own, or the one its GGUF file converts into."""
+        gguf = gguf_file(path)
+        return path if gguf is None else str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
+
+    def _load_draft(self):
+        """The draft model's weights, beside the model's (charged with them), or None."""
+        if self.entry.draft_path is None:
+            return None
+        from mlx_lm import load
+
+        from deployments.speculation import can_speculate
+
+        draft, tokenizer = load(self._mlx_lm_folder(self.entry.draft_path))
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"its draft {self.entry.draft} has another vocabulary; a draft must share its tokenizer")
+        if not (can_speculate(self.model) and can_speculate(draft)):
+            logger.info("model %s: a KV cache cannot be rewound row by row; its draft is not used", self.entry.id)
+            return None
+        logger.info("model %s: draft %s loaded; it proposes the next tokens", self.entry.id, self.entry.draft)
+        return draft
+
     def _speculates(self) -> bool:
-        if self.entry.speculative != "prompt_lookup":
+        if self.entry.speculative != "prompt_lookup" or self.entry.draft_path is not None:
             return False
         from deployments.speculation import can_speculate
 

@@ -116,6 +116,11 @@ class ModelSpec(BaseModel):
         description="Another model's id: this one is a LoRA adapter of it (`path` is the adapter's "
         "directory), served in the base's replica and charged only its own bytes.",
     )
+    draft: str | None = Field(
+        default=None,
+        description="Text models: another text model's id (the same vocabulary) whose weights run in "
+        "this model's replica, charged to it, and propose its next tokens in place of prompt lookup.",
+    )
     speculative: Literal[False, "prompt_lookup"] | None = Field(
         default=None,
         description="Text models: `prompt_lookup` (the default) proposes tokens from the prompt and "
@@ -297,6 +302,16 @@ class AppConfig(BaseModel):
                     f"model {spec.id!r} names node {spec.node!r}, which is not in `nodes` "
                     f"({', '.join(names) or 'none configured'})"
                 )
+            if spec.draft is not None:
+                draft = by_id.get(spec.draft)
+                if draft is None:
+                    raise ValueError(f"model {spec.id!r}: its draft {spec.draft!r} is not in `models`")
+                if draft.base is not None or draft.id == spec.id:
+                    raise ValueError(
+                        f"model {spec.id!r}: its draft {spec.draft!r} must be another model, not an adapter"
+                    )
+                if spec.speculative is False:
+                    raise ValueError(f"model {spec.id!r}: a draft speculates; drop `speculative: false` or `draft`")
             if spec.base is None:
                 continue
             base = by_id.get(spec.base)
@@ -306,11 +321,11 @@ class AppConfig(BaseModel):
                     + ("an adapter itself" if base is not None else "not in `models`")
                     + ": `base` names a model of the catalog that is not an adapter"
                 )
-            own = (spec.node, spec.type, spec.max_context, spec.speculative)
+            own = (spec.node, spec.type, spec.max_context, spec.speculative, spec.draft)
             if any(value is not None for value in own):
                 raise ValueError(
                     f"model {spec.id!r} is an adapter: it runs where its base runs, as its base "
-                    "does (no `node`, `type`, `max_context` or `speculative` of its own)"
+                    "does (no `node`, `type`, `max_context`, `speculative` or `draft` of its own)"
                 )
         return self
 
@@ -346,6 +361,8 @@ class ModelEntry:
     node: str | None = None  # the only node it may run on
     base: str | None = None  # a LoRA adapter of this model: served in its replica
     speculative: str | None = None  # text models: how decoding speculates ("prompt_lookup"), or None
+    draft: str | None = None  # text models: the catalog model whose weights propose tokens
+    draft_path: str | None = None  # and where they are
 
     def placements(self, nodes: list[str]) -> dict[str, str]:
         """{node: the model's deployment there} for the nodes it may run on."""

@@ -68,3 +68,17 @@ def chat_template(folder: Path) -> str | None:
         if isinstance(template, str):
             return template
     return None
+
+
+def same_vocabulary(a: str | Path, b: str | Path) -> bool | None:
+    """Whether two model folders' tokenizers map the same strings to the same ids; None
+    when one has no tokenizer.json to read (a GGUF file: its replica checks at load)."""
+    vocabularies = []
+    for path in (Path(a), Path(b)):
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            return None
+        tokenizer = json.loads(file.read_text())
+        added = {token["content"]: token["id"] for token in tokenizer.get("added_tokens", [])}
+        vocabularies.append({**tokenizer.get("model", {}).get("vocab", {}), **added})
+    return vocabularies[0] == vocabularies[1]

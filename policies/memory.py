@@ -88,10 +88,15 @@ def weight_files_bytes(path: str | Path, gguf_float32: bool = False) -> int | No
 
 
 def estimate_entry_bytes(entry: Any, replica_overhead: int, gguf_float32: bool = False) -> int | None:
-    """What a catalog entry will cost once loaded. An adapter (`entry.base`) runs in its
-    base's process: only its matrices, never a replica's overhead."""
+    """What a catalog entry will cost once loaded, its draft model's weights included. An
+    adapter (`entry.base`) runs in its base's process: only its matrices, never a
+    replica's overhead."""
     if entry.base is None:
-        return estimate_model_bytes(entry.path, replica_overhead, entry.memory_bytes, gguf_float32)
+        model = estimate_model_bytes(entry.path, replica_overhead, entry.memory_bytes, gguf_float32)
+        if model is None or entry.memory_bytes is not None or getattr(entry, "draft_path", None) is None:
+            return model
+        draft = weight_files_bytes(entry.draft_path, gguf_float32)  # its draft runs in its replica
+        return None if draft is None else model + draft
     if entry.memory_bytes is not None:
         return entry.memory_bytes
     from policies.adapters import adapter_bytes

@@ -22,6 +22,9 @@ NGRAM_MIN = 2
 # Tokens proposed at most per sequence and step.
 DRAFT_MAX = 8
 
+# Tokens a draft model proposes per row and step (mlx-lm's server proposes 3 too).
+DRAFT_MODEL_TOKENS = 3
+
 # How fast the odds and costs follow what is observed (weight of the newest observation).
 ODDS_RATE = 0.15
 COST_RATE = 0.2
@@ -132,6 +135,12 @@ class PassCost:
     def relative(self, rows: int, proposed_per_row: int) -> float:
         """A pass's cost over a plain step's, for `rows` rows each given that many tokens."""
         return 1 + self.extra * rows * proposed_per_row
+
+
+def pass_share(rows: int) -> int:
+    """Tokens each row may propose in one pass over `rows` rows: a pass wider than
+    DRAFT_MAX + 1 tokens per row, or 4 x DRAFT_MAX tokens in all, is never run."""
+    return max(0, min(DRAFT_MAX, 4 * DRAFT_MAX // max(1, rows) - 1))
 
 
 def tokens_to_propose(odds: list[Odds | None], cost: PassCost, limit: int) -> int:

@@ -77,6 +77,12 @@ def test_full_model_spec():
         ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a", "speculative": False}]},
          "runs where its base runs"),
         ({"models": [{"id": "a", "path": "p", "speculative": "draft"}]}, "speculative"),
+        ({"models": [{"id": "a", "path": "p", "draft": "b"}]}, "its draft 'b' is not in `models`"),
+        ({"models": [{"id": "a", "path": "p", "draft": "a"}]}, "must be another model"),
+        ({"models": [{"id": "a", "path": "p", "draft": "b", "speculative": False}, {"id": "b", "path": "q"}]},
+         "a draft speculates"),
+        ({"models": [{"id": "a", "path": "p"}, {"id": "l", "path": "q", "base": "a", "draft": "a"}]},
+         "runs where its base runs"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_clear_message(args, words):
@@ -129,6 +135,19 @@ def test_text_models_speculate_by_prompt_lookup_unless_told_not_to(tmp_path):
         config(models=[{"id": "q", "path": path}, {"id": "r", "path": path, "speculative": False}])
     )
     assert (default.speculative, off.speculative) == ("prompt_lookup", None)
+
+
+def test_a_draft_shares_the_vocabulary_and_is_charged_to_the_model_it_drafts_for(demo_models):
+    from policies.memory import estimate_entry_bytes, weight_files_bytes
+
+    llama, agent = str(demo_models / "bench-llama-20m"), str(demo_models / "tiny-agent")
+    drafted, draft = build_catalog(
+        config(models=[{"id": "m", "path": llama, "draft": "d"}, {"id": "d", "path": str(demo_models / "tiny-llama")}])
+    )
+    assert (drafted.draft, drafted.draft_path, drafted.speculative) == ("d", draft.path, "prompt_lookup")
+    assert estimate_entry_bytes(drafted, 100) == weight_files_bytes(llama) + weight_files_bytes(draft.path) + 100
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        build_catalog(config(models=[{"id": "m", "path": llama, "draft": "d"}, {"id": "d", "path": agent}]))
 
 
 def test_config_overrides_detection(tmp_path):

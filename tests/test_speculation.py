@@ -150,3 +150,32 @@ def test_sampled_rows_speculate_and_seeded_ones_reproduce(loaded):
     assert seeded[0] == seeded[1]
     sampled = Run(speculating, prompt, 32, temperature=0.7).steps()
     assert 1 <= sum(s.tokens for s in sampled) <= 32
+
+
+@pytest.fixture(scope="module")
+def bench_and_draft(demo_models):
+    """The bench model, and tiny-llama as its draft (the same vocabulary)."""
+    from mlx_lm import load
+
+    return load(str(demo_models / "bench-llama-20m")), load(str(demo_models / "tiny-llama"))[0]
+
+
+@pytest.mark.parametrize("draft_is_the_model", [True, False])
+def test_a_draft_model_proposes_and_the_text_is_the_one_without_it(bench_and_draft, draft_is_the_model):
+    """A draft equal to the target proposes what the target chooses (greedy: every proposal
+    is accepted); a different one proposes what it would say, and the target keeps its own
+    text either way, alone and in a batch whose rows join and finish at different times."""
+    (model, tokenizer), other = bench_and_draft
+    draft = model if draft_is_the_model else other
+    plain = make_engine(model, tokenizer, False)
+    drafted = make_engine(model, tokenizer, False, draft=draft)
+    prompts = [tokenizer.encode(p) for p in (COPY, CODE, FREE, COPY[:40])]
+    lengths = [48, 30, 17, 5]
+    expected = [text_and_count(Run(plain, p, n).steps()) for p, n in zip(prompts, lengths)]
+    assert text_and_count(Run(drafted, prompts[0], lengths[0]).steps()) == expected[0]
+    runs = [Run(drafted, p, n) for p, n in zip(prompts, lengths)]
+    assert [text_and_count(r.steps()) for r in runs] == expected
+    counts = drafted.speculation
+    assert counts.passes > 0 and counts.proposed > 0
+    if draft_is_the_model:
+        assert counts.accepted == counts.proposed
