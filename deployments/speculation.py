@@ -1,7 +1,8 @@
-"""Speculative decoding inside mlx-lm's continuous batch (prompt lookup).
+"""Speculative decoding inside mlx-lm's continuous batch: prompt lookup, or a draft model.
 
 A decode step of `SpeculativeBatch` takes each row's pending token, lets the row propose
-the tokens that may follow it (`policies.speculation.PromptLookup`), and runs one forward
+the tokens that may follow it (`policies.speculation.PromptLookup` over the row's history,
+or a draft model's greedy guesses, `DraftRows`), and runs one forward
 pass over every row's pending token and proposal: the model's own choice at each position
 (its sampler, after the row's logits processors) is compared with the proposal, and the
 row takes its pending token, the proposed tokens the model agreed with, and the model's
@@ -117,12 +118,14 @@ class DraftRows:
 
 
 class SpeculativeBatch(GenerationBatch):
-    """mlx-lm's generation batch whose rows propose tokens from their own history."""
+    """mlx-lm's generation batch whose rows propose tokens: from their own history, or
+    from a draft model when there is one."""
 
     counts: SpeculationCounts
     cost: PassCost
     lookups: dict[int, PromptLookup]
     odds: dict[int, Odds]
+    draft: DraftRows | None
 
     @classmethod
     def for_model(

@@ -148,8 +148,10 @@ def test_sampled_rows_speculate_and_seeded_ones_reproduce(loaded):
     prompt = tokenizer.encode(COPY)
     seeded = [text_and_count(Run(speculating, prompt, temperature=0.8, seed=7).steps()) for _ in range(2)]
     assert seeded[0] == seeded[1]
+    passes = speculating.speculation.passes
     sampled = Run(speculating, prompt, 32, temperature=0.7).steps()
     assert 1 <= sum(s.tokens for s in sampled) <= 32
+    assert speculating.speculation.passes > passes  # a sampled row was verified by its own draws
 
 
 @pytest.fixture(scope="module")
