@@ -7,6 +7,7 @@ over from start-up, none left behind by an eviction, none started unseen.
 
 from __future__ import annotations
 
+import re
 import time
 
 import psutil
@@ -37,7 +38,10 @@ def replica_processes(app: str = APP_NAME) -> dict[str, list[int]]:
         except psutil.Error:
             continue
         if cmdline and cmdline[0].startswith(prefix):
-            found.setdefault(cmdline[0][len(prefix):].split()[0], []).append(process.pid)
+            # While it runs a task Ray titles it ray::<actor>.<method> (deployment names never
+            # end in an identifier after a dot: dots in them come from ids like Qwen2.5-0.5B).
+            title = cmdline[0][len(prefix):].split()[0]
+            found.setdefault(re.sub(r"\.[A-Za-z_]\w*$", "", title), []).append(process.pid)
     return found
 
 
