@@ -110,7 +110,7 @@ def build_catalog(config: AppConfig, kinds: dict[str, ModelKind] = MODEL_KINDS) 
         features = asdict(text_features(path)) if model_type == TEXT else {}
         if model_type == TEXT:
             features["context_length"] = served_context(features["context_length"], spec.max_context)
-            features["speculative"] = "prompt_lookup" if spec.speculative is None else spec.speculative or None
+            features["speculative"] = None if spec.speculative is False else "prompt_lookup"
         catalog.append(
             ModelEntry(
                 id=spec.id,

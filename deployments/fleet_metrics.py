@@ -32,7 +32,7 @@ def fleet_metrics() -> dict[str, Any]:
         ),
         "proposed_tokens": Gauge(
             "fleet_model_speculative_proposed_tokens",
-            "Tokens a text model's replica proposed to itself by prompt lookup since it started.",
+            "Tokens proposed to a text model's replica (by prompt lookup or its draft) since it started.",
             placed,
         ),
         "accepted_tokens": Gauge(

@@ -54,6 +54,12 @@ def rewind_rows(cache: list[Any], counts: list[int]) -> None:
             layer.left_padding = layer.left_padding + shift
 
 
+def checkable(processors: list[Any]) -> bool:
+    """Whether a row's logits processors can check a proposal and take back its refused
+    tail (a grammar can; a row whose processors cannot does not propose)."""
+    return all(hasattr(p, "validate") and hasattr(p, "rollback") for p in processors)
+
+
 class DraftRows:
     """A draft model's KV cache, row for row beside the target's generation batch: it
     proposes each row's next tokens greedily (a point-mass draft, so keeping a proposed
@@ -180,9 +186,7 @@ class SpeculativeBatch(GenerationBatch):
             if lookup is None:  # a new row: its prompt teaches its first odds
                 lookup, self.odds[uid] = self.lookups.setdefault(uid, PromptLookup()), Odds()
             self.odds[uid].observe(lookup, self.tokens[row][len(lookup.tokens) :])
-            processors = self.logits_processors[row]
-            checkable = all(hasattr(p, "validate") and hasattr(p, "rollback") for p in processors)
-            odds.append(self.odds[uid] if checkable else None)
+            odds.append(self.odds[uid] if checkable(self.logits_processors[row]) else None)
         return odds
 
     def _next_from_draft(self, rows: int) -> list[GenerationBatch.Response]:
@@ -200,10 +204,11 @@ class SpeculativeBatch(GenerationBatch):
     def _cut(self, row: int, pending: int, proposal: list[int]) -> list[int]:
         """A row's proposal as far as it may go: within max_tokens (the pending token counts
         too) and what its logits processors allow (none, if they cannot check it)."""
+        processors = self.logits_processors[row]
+        if not checkable(processors):
+            return []
         proposal = proposal[: max(0, self.max_tokens[row] - self._num_tokens[row] - 1)]
-        for processor in self.logits_processors[row]:
-            if not hasattr(processor, "validate"):
-                return []
+        for processor in processors:
             proposal = proposal[: max(0, processor.validate([pending, *proposal]) - 1)]
         return proposal
 

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -263,8 +263,7 @@ class TextModel(GenerativeServer):
             partial(make_sampler, self.adapter),
             prompt_cache_bytes=self.prompt_cache_bytes,
             adapters=self.adapters,
-            speculate=self._speculates(),
-            draft=self._load_draft(),
+            **self._speculation(),
         )
         self.kv_shape = measure_kv_shape(self.model)
         if self.prompt_store_bytes and self.engine.prompt_cache is not None:
@@ -277,32 +276,29 @@ class TextModel(GenerativeServer):
         gguf = gguf_file(path)
         return path if gguf is None else str(converted_model_dir(gguf, self.gguf_cache_dir, self.gguf_dequantize))
 
-    def _load_draft(self):
-        """The draft model's weights, beside the model's (charged with them), or None."""
-        if self.entry.draft_path is None:
-            return None
-        from mlx_lm import load
-
+    def _speculation(self) -> dict[str, Any]:
+        """How decoding speculates (BatchEngine's options): with the draft model's weights,
+        loaded here beside the model's (and charged with them), by prompt lookup, or not
+        at all where a KV cache cannot be rewound row by row."""
         from deployments.speculation import can_speculate
+
+        if self.entry.draft_path is None and self.entry.speculative != "prompt_lookup":
+            return {}
+        if not can_speculate(self.model):
+            logger.info("model %s: its KV cache cannot be rewound row by row; decoding does not speculate", self.entry.id)
+            return {}
+        if self.entry.draft_path is None:
+            return {"speculate": True}
+        from mlx_lm import load
 
         draft, tokenizer = load(self._mlx_lm_folder(self.entry.draft_path))
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"its draft {self.entry.draft} has another vocabulary; a draft must share its tokenizer")
-        if not (can_speculate(self.model) and can_speculate(draft)):
-            logger.info("model %s: a KV cache cannot be rewound row by row; its draft is not used", self.entry.id)
-            return None
+        if not can_speculate(draft):
+            logger.info("model %s: its draft's KV cache cannot be rewound row by row; it is not used", self.entry.id)
+            return {}
         logger.info("model %s: draft %s loaded; it proposes the next tokens", self.entry.id, self.entry.draft)
-        return draft
-
-    def _speculates(self) -> bool:
-        if self.entry.speculative != "prompt_lookup" or self.entry.draft_path is not None:
-            return False
-        from deployments.speculation import can_speculate
-
-        if not can_speculate(self.model):
-            logger.info("model %s: its KV cache cannot be rewound row by row; decoding does not speculate", self.entry.id)
-            return False
-        return True
+        return {"draft": draft}
 
     async def _after_load(self, report: LoadReport) -> LoadReport:
         """Read back the prompt cache saved when the model was last unloaded, as far as the

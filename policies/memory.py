@@ -93,7 +93,7 @@ def estimate_entry_bytes(entry: Any, replica_overhead: int, gguf_float32: bool =
     replica's overhead."""
     if entry.base is None:
         model = estimate_model_bytes(entry.path, replica_overhead, entry.memory_bytes, gguf_float32)
-        if model is None or entry.memory_bytes is not None or getattr(entry, "draft_path", None) is None:
+        if model is None or entry.memory_bytes is not None or entry.draft_path is None:
             return model
         draft = weight_files_bytes(entry.draft_path, gguf_float32)  # its draft runs in its replica
         return None if draft is None else model + draft
