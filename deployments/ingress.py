@@ -577,7 +577,7 @@ class Ingress:
         try:
             return schema.model_validate(data)
         except ValidationError as error:
-            raise validation_error_to_api_error(error) from None
+            raise validation_error_to_api_error(error, data) from None
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_request_size

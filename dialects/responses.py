@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from dialects.sse import sse
 from policies.errors import ApiError
@@ -19,6 +19,7 @@ from dialects.openai import MAX_TOKENS_CAP, JsonObjectFormat, TextFormat
 from policies.constraints import Constraint
 from policies.events import Content, Event, Finish, Reasoning, ToolCall
 from policies.generation import GenerationRequest, Sampling
+from policies.input_grammar import InputGrammar, input_grammar
 
 
 class _Model(BaseModel):
@@ -156,12 +157,22 @@ class NamespaceTool(_Model):
 
 class CustomTool(_Model):
     """A tool whose input is free text (Codex's apply_patch): the model writes the text as a
-    call's one string argument, `input`."""
+    call's one string argument, `input`, which its grammar, when given, constrains."""
 
     type: Literal["custom"]
     name: ToolName
     description: str | None = None
     format: dict[str, Any] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _compiles(cls, format: dict[str, Any] | None) -> dict[str, Any] | None:
+        input_grammar(format)  # a ValueError says what is wrong with it
+        return format
+
+    @property
+    def input(self) -> InputGrammar:
+        return input_grammar(self.format)
 
 
 class HostedTool(_Model):
@@ -185,9 +196,6 @@ AnyTool = Annotated[
     Discriminator(_tool_kind),
 ]
 
-CUSTOM_INPUT = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
-
-
 @dataclass(frozen=True)
 class Offered:
     """A tool as the model sees it, and as the client named it."""
@@ -203,8 +211,10 @@ class Offered:
         return qualified(self.name, self.namespace)
 
 
-class NamedFunction(_Model):
-    type: Literal["function"]
+class NamedTool(_Model):
+    """A forced call to one function or custom tool."""
+
+    type: Literal["function", "custom"]
     name: str
 
 
@@ -229,7 +239,7 @@ class ResponsesRequest(_Model):
     input: str | list[InputItem]
     instructions: str | None = None
     tools: list[AnyTool] | None = None
-    tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedTool | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CAP)
@@ -244,8 +254,8 @@ class ResponsesRequest(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> "ResponsesRequest":
         names = [tool.model_name for tool in self.offered]
-        if isinstance(self.tool_choice, NamedFunction) and self.tool_choice.name not in names:
-            raise ApiError(400, f"tool_choice names function {self.tool_choice.name!r}, which is not in tools",
+        if isinstance(self.tool_choice, NamedTool) and self.tool_choice.name not in names:
+            raise ApiError(400, f"tool_choice names tool {self.tool_choice.name!r}, which is not in tools",
                            param="tool_choice")
         if self.tool_choice == "required" and not names:
             raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
@@ -267,7 +277,7 @@ class ResponsesRequest(_Model):
                     out.append(Offered("function", member.name, namespace, member.description or "",
                                        member.parameters or {"type": "object", "properties": {}}))
                 elif isinstance(member, CustomTool):
-                    out.append(Offered("custom", member.name, None, member.description or "", CUSTOM_INPUT))
+                    out.append(Offered("custom", member.name, None, member.description or "", member.input.parameters()))
         return out
 
     def tool_named(self, model_name: str) -> Offered | None:
@@ -287,9 +297,8 @@ class ResponsesRequest(_Model):
         """What this request asks for that the answer leaves out, said in a warning header."""
         notes = [f"hosted tool {tool.type!r} ignored: no model here runs OpenAI's hosted tools"
                  for tool in self.tools or [] if isinstance(tool, HostedTool)]
-        notes += [f"custom tool {tool.name!r}: its input grammar is not enforced"
-                  for tool in self.tools or [] if isinstance(tool, CustomTool) and tool.format
-                  and tool.format.get("type") not in (None, "text")]
+        notes += [f"custom tool {tool.name!r}: its input grammar is not enforced ({tool.input.unenforced})"
+                  for tool in self.tools or [] if isinstance(tool, CustomTool) and tool.input.unenforced]
         kinds = sorted({item.type for item in self.items if isinstance(item, OtherItem)})
         if kinds:
             notes.append(f"input items of type {', '.join(kinds)} left out: no model here acts on them")
@@ -306,13 +315,13 @@ class ResponsesRequest(_Model):
 
     @property
     def _forced_call(self) -> bool:
-        return bool(self.tools_offered) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedFunction))
+        return bool(self.tools_offered) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedTool))
 
     @property
     def constraint(self) -> Constraint | None:
         """A required tool call, else text.format's JSON schema."""
         if self._forced_call:
-            named = self.tool_choice.name if isinstance(self.tool_choice, NamedFunction) else None
+            named = self.tool_choice.name if isinstance(self.tool_choice, NamedTool) else None
             return Constraint(tools=self.tools_offered, tool=named, parallel=self.parallel_tool_calls)
         return Constraint(schema=self.schema) if self.schema is not None else None
 
@@ -597,7 +606,7 @@ class Reply:
             "top_p": request.top_p,
             # The cap that applied, also when the request left it to the model's context.
             "max_output_tokens": finish.token_limit if finish and finish.token_limit else request.max_output_tokens,
-            "tool_choice": (request.tool_choice.model_dump() if isinstance(request.tool_choice, NamedFunction)
+            "tool_choice": (request.tool_choice.model_dump() if isinstance(request.tool_choice, NamedTool)
                             else request.tool_choice or "auto"),
             "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
             "text": {"format": text_format},

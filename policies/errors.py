@@ -249,22 +249,41 @@ def replica_lost(model_id: str) -> ApiError:
     )
 
 
-def validation_error_to_api_error(error: ValidationError) -> ApiError:
-    """Pydantic's most specific complaint, named by its JSON path, as a 400.
+def validation_error_to_api_error(error: ValidationError, body: Any) -> ApiError:
+    """Pydantic's most specific complaint, named by its JSON path in `body`, as a 400.
 
     For a value that matches no member of a union pydantic reports one error per member;
     the deepest one is about the member the client meant (a list of parts, not a string).
     """
     deepest = max(error.errors(), key=lambda e: len(e["loc"]))
-    path = ".".join(str(part) for part in deepest["loc"] if not _is_union_label(part))
-    message = deepest["msg"]
+    path = ".".join(str(part) for part in json_path(deepest["loc"], body))
+    message = deepest["msg"].removeprefix("Value error, ")  # pydantic's label for our own ValueErrors
     if path:
         message = f"{path}: {message}"
     return ApiError(400, message, param=path or None)
 
 
-def _is_union_label(part: str | int) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
+def json_path(loc: tuple[str | int, ...], body: Any) -> list[str | int]:
+    """Pydantic's location of an error as a path in `body`: without the labels it adds for
+    union members (`str`, `list[...]`) and for the discriminator tag it puts first inside
+    a tagged object (a tool's `custom`)."""
+    path, node, tagged = [], body, False
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) or (
+                isinstance(node, dict) and part in node):
+            node, tagged = node[part], False
+        elif isinstance(part, str) and (
+                _is_label(part) or not tagged and isinstance(node, dict) and node.get("type") == part):
+            tagged = True
+            continue
+        else:  # a field the body lacks
+            node = None
+        path.append(part)
+    return path
+
+
+def _is_label(part: str) -> bool:
+    return "[" in part or part in ("str", "int", "float", "bool", "none")
 
 
 class ContextOverflow(ApiError):

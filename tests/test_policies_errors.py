@@ -43,3 +43,16 @@ def test_refusals_say_whether_retrying_helps():
     busy = model_busy("m", "is still loading", 30)
     assert (busy.status, busy.code, busy.param) == (503, "model_busy", "model")
     assert "30 s" in busy.message and "is still loading" in busy.message
+
+
+def test_an_error_is_named_by_its_path_in_the_body_not_by_pydantic_labels():
+    from policies.errors import json_path
+
+    tool = {"tools": [{"type": "custom", "format": {}}]}
+    assert json_path(("tools", 0, "custom", "format"), tool) == ["tools", 0, "format"]  # the tag left out
+    block = {"messages": [{"content": [{"type": "text"}]}]}
+    # A tag first, then a field the body lacks that has the tag's name.
+    assert json_path(("messages", 0, "content", "list[union[...]]", 0, "text", "text"), block) == [
+        "messages", 0, "content", 0, "text"]
+    assert json_path(("messages", 0, "content", "str"), {"messages": [{"content": 5}]}) == ["messages", 0, "content"]
+    assert json_path(("model",), {}) == ["model"]

@@ -5,9 +5,13 @@ stored responses continued with previous_response_id, GET and DELETE."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
+
+from policies.input_grammar import input_grammar
+from tests.conftest import ROOT
 
 REAL = "smollm2-135m-instruct"
 WEATHER = {
@@ -129,6 +133,7 @@ def test_what_a_model_cannot_do_is_a_400(client):
     assert bad_schema.value.body["param"] == "text.format.schema"
 
 
+CODEX_PATCH_GRAMMAR = (ROOT / "tests" / "fixtures" / "codex_apply_patch.lark").read_text()
 CODEX_TOOLS = [
     WEATHER,
     {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
@@ -136,7 +141,7 @@ CODEX_TOOLS = [
                 "parameters": {"type": "object", "properties": {"task": {"type": "string", "enum": ["explore", "plan"]}},
                                "required": ["task"], "additionalProperties": False}}]},
     {"type": "custom", "name": "apply_patch", "description": "Edit files with a patch.",
-     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[\\s\\S]+/"}},
+     "format": {"type": "grammar", "syntax": "lark", "definition": CODEX_PATCH_GRAMMAR}},
     {"type": "web_search", "external_web_access": False},
 ]
 
@@ -154,7 +159,8 @@ def test_a_codex_shaped_request_is_served_and_says_what_it_left_out(http):
     response = http.post("/v1/responses", json=body)
     assert response.status_code == 200, response.text
     warning = response.headers["warning"]
-    assert "web_search" in warning and "apply_patch" in warning and "reasoning.effort ignored" in warning
+    assert "web_search" in warning and "reasoning.effort ignored" in warning
+    assert "apply_patch" not in warning  # its grammar is enforced
     answer = response.json()
     assert answer["max_output_tokens"] == 512  # the cap that applied (this suite's default_max_tokens)
     forced = http.post("/v1/responses", json={**body, "tool_choice": {"type": "function", "name": "multi_agent_v1.spawn_agent"},
@@ -167,6 +173,43 @@ def test_a_codex_shaped_request_is_served_and_says_what_it_left_out(http):
     # A random-weight model may write the free-form input until the cap: then nothing is a call.
     assert [item["type"] for item in patch["output"]] in (["custom_tool_call"], [])
     assert patch["status"] == ("completed" if patch["output"] else "incomplete")
+    if patch["output"]:
+        assert re.fullmatch(input_grammar(CODEX_TOOLS[2]["format"]).pattern, patch["output"][0]["input"])
+
+
+CALC = {"type": "custom", "name": "calc", "description": "Arithmetic on two numbers.",
+        "format": {"type": "grammar", "syntax": "lark",
+                   "definition": 'start: OP " " NUM " " NUM\nOP: "add" | "mul"\nNUM: /[0-9]{1,3}/'}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_custom_tool_call_follows_its_grammar(http, stream):
+    body = {"model": "tiny-qwen2", "input": "Add 2 and 3.", "tools": [CALC], "stream": stream,
+            "tool_choice": {"type": "custom", "name": "calc"}, "parallel_tool_calls": False,
+            "max_output_tokens": 300}  # the call's markup alone is some 45 of tiny-qwen2's tokens
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert "warning" not in response.headers
+    if stream:
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+        streamed = "".join(e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta")
+        answer = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed", events
+        assert answer["output"][0]["input"] == streamed
+    else:
+        answer = response.json()
+    assert len(answer["output"]) == 1, answer
+    (call,) = answer["output"]
+    assert (call["type"], call["name"]) == ("custom_tool_call", "calc")
+    assert re.fullmatch(r"(add|mul) [0-9]{1,3} [0-9]{1,3}", call["input"]), call["input"]
+
+
+def test_a_custom_tool_grammar_that_does_not_compile_is_a_400(client):
+    broken = {**CALC, "format": {"type": "grammar", "syntax": "lark", "definition": "start: ((("}}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(model="tiny-qwen2", input="x", tools=[broken])
+    assert error.value.body["param"] == "tools.0.format"
+    assert "Lark grammar does not compile" in error.value.body["message"]
 
 
 def test_a_tool_call_continues_through_previous_response_id(client):
