@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, Callable
 
 import psutil
 from ray import serve
@@ -34,7 +34,7 @@ from deployments.scaler import ReplicaScaler
 from deployments.tasks import Changes, SingleFlight, every, spawn
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
-from policies.adoption import Found, found
+from policies.adoption import adopt
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
 from policies.errors import (
     ApiError,
@@ -61,6 +61,12 @@ REPLICA_CHECK_SECONDS = 10.0
 # Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
 # default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
 GAUGE_REPUBLISH_SECONDS = 5.0
+
+
+def failure(error: BaseException) -> str:
+    """A failed load in words: the replica's own exception when Ray wrapped it."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"
 
 
 @dataclass
@@ -122,21 +128,23 @@ class Controller:
         )
         self.warm = effects.warm
         self.metrics = effects.metrics
-        self._os_free = effects.free_memory
+        # What each node's OS reports free: measured here on one machine, by the probes on several.
+        self._free: Callable[[], Free] = (lambda: self.monitor.free) if self.monitor else effects.free_memory
         # Signalled whenever memory, leases or statuses change: waiters re-check.
         self.changes = Changes(self._update_gauges)
         self._loading, self._unloading, self._checking = SingleFlight(), SingleFlight(), SingleFlight()
         self._ready = asyncio.Event()
-        self._background = [
-            spawn(self._start()),
-            *([self._every(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
-            self._every(self._expire_leases, config.lease_ttl / 4),
-            self._every(self._check_replicas, REPLICA_CHECK_SECONDS),
-            self._every(self._update_gauges, GAUGE_REPUBLISH_SECONDS),
-        ]
         ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
-        if ttls:
-            self._background.append(self._every(self._expire_idle, max(0.5, min(ttls) / 4)))
+        rounds = [  # each runs once the controller is ready
+            *([(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
+            (self._expire_leases, config.lease_ttl / 4),
+            (self._check_replicas, REPLICA_CHECK_SECONDS),
+            (self._update_gauges, GAUGE_REPUBLISH_SECONDS),
+            *([(self._expire_idle, max(0.5, min(ttls) / 4))] if ttls else []),
+        ]
+        self._background = [spawn(self._start())] + [
+            spawn(every(work, seconds, after=self._ready)) for work, seconds in rounds
+        ]
 
     def check_health(self) -> None:
         """Serve restarts this replica when a background task died; the restart adopts state."""
@@ -285,109 +293,98 @@ class Controller:
             await asyncio.shield(self._loading.join(record.id, self._load))
 
     async def _load(self, model_id: str) -> None:
+        """Load a model into a replica of its own, or an adapter into its base's replica, the
+        base first: while an adapter waits its base counts as busy (the adapter's `waiting`),
+        so that it is not evicted in between."""
         record = self.ledger[model_id]
-        if record.entry.base is not None:
-            return await self._load_adapter(record)
+        base = self.ledger[record.entry.base] if record.entry.base else None
         started = time.perf_counter()
-        while True:
-            while model_id in self._unloading:  # an admin unload or an eviction is still running
-                await asyncio.wait([self._unloading[model_id]])
-            if record.status == Status.LOADED:
-                return
-            if record.status == Status.UNLOADED:
-                # Queue, don't refuse: while only busy or loading models stand in the way, wait
-                # for them (up to load_wait_timeout).
-                await self._make_room(
-                    ClaimKind.LOAD,
-                    model_id,
-                    lambda: self.ledger.admit(model_id, self._free()),
-                    deadline=time.monotonic() + self.config.load_wait_timeout,
-                    refuse_when_late=True,
-                )
-            # LOADING here: admitted just now, a starting replica adopted, or a replaced replica.
-            node = record.node
-            if node is None:  # its node left while room was made there: place it again
-                continue
-            gone = self.monitor.gone(node) if self.monitor else asyncio.get_running_loop().create_future()
-            try:
-                await self.placements.start(record)
-                if record.node != node:  # it left while the replica was being asked for
-                    continue
-                report = await unless(gone, self.placements.load(record))
-            except Exception as error:
-                if record.node != node:  # the ledger has unloaded it with its node
-                    logger.warning("node %s left while model %s was loading there; placing it again", node, model_id)
-                    continue
-                cause = getattr(error, "cause", None) or error
-                reason = f"{type(cause).__name__}: {cause}"
-                logger.error("loading model %s failed: %s", model_id, reason)
-                self.ledger.fail_load(model_id, reason)
-                await asyncio.wait([self._evict(model_id, "load_failed")])
-                raise model_load_failed(model_id, reason) from None
-            break
-        seconds = time.perf_counter() - started
-        self.ledger.finish_load(model_id, report.measured(), time.time())
-        if report.usage is not None:
-            self.ledger.report_usage(model_id, report.usage)
-        self.metrics["loads"].inc(tags={"model": model_id})
-        self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
-        if self.warm:
-            node_id = self.ledger.nodes[node].node_id if self.monitor else None
-            spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
-        logger.info(
-            "loaded model %s%s in %.2f s: charged %s (measured process %s, weights %s); used %s of %s",
-            model_id,
-            f" on node {node}" if self.monitor else "",
-            seconds,
-            format_gb(record.cost),
-            format_gb(report.process_bytes),
-            format_gb(report.weights_bytes),
-            format_gb(self.ledger.used(node)),
-            format_gb(self.ledger.nodes[node].limit),
-        )
-        await self.changes.notify()
-
-    async def _load_adapter(self, record: ModelRecord) -> None:
-        """Load a LoRA adapter into its base's replica, the base first. While this waits, the
-        base counts as busy (the adapter's `waiting`): it cannot be evicted in between."""
-        base = self.ledger[record.entry.base]
-        started = time.perf_counter()
-        record.waiting += 1
+        record.waiting += base is not None
         try:
-            while record.status != Status.LOADED:
-                while record.id in self._unloading:
-                    await asyncio.wait([self._unloading[record.id]])
-                await self._loaded(base)
+            while True:
+                while model_id in self._unloading:  # an admin unload or an eviction is still running
+                    await asyncio.wait([self._unloading[model_id]])
+                if base is not None:
+                    await self._loaded(base)
+                if record.status == Status.LOADED:
+                    return
                 if record.status == Status.UNLOADED:
+                    # Queue, don't refuse: while only busy or loading models stand in the way,
+                    # wait for them (up to load_wait_timeout).
                     await self._make_room(
                         ClaimKind.LOAD,
-                        record.id,
-                        lambda: self.ledger.admit(record.id, self._free()),
+                        model_id,
+                        lambda: self.ledger.admit(model_id, self._free()),
                         deadline=time.monotonic() + self.config.load_wait_timeout,
                         refuse_when_late=True,
                     )
-                if record.status != Status.LOADING or base.status != Status.LOADED:
-                    continue  # its base's replica went meanwhile, and the adapter with it
-                try:
-                    loaded = await self.placements.load_adapter(record)
-                except Exception as error:
-                    cause = getattr(error, "cause", None) or error
-                    logger.error("loading adapter %s into %s failed: %s", record.id, base.id, cause)
-                    self.ledger.restore(record.id, Status.UNLOADED, f"load failed: {cause}")
-                    await self.changes.notify()
-                    raise model_load_failed(record.id, f"{type(cause).__name__}: {cause}") from None
-                replica = base.measured.replica if base.measured else ""
-                self.ledger.finish_load(record.id, Measured(loaded, loaded, 0, replica), time.time())
+                # LOADING here: admitted just now, a starting replica adopted, or a replaced one.
+                measured = await (self._into_base(record, base) if base else self._into_replica(record))
+                if measured is not None:
+                    break
         finally:
-            record.waiting -= 1
-        self.metrics["loads"].inc(tags={"model": record.id})
-        self.metrics["load_seconds"].observe(time.perf_counter() - started, tags={"model": record.id})
+            record.waiting -= base is not None
+        seconds = time.perf_counter() - started
+        self.metrics["loads"].inc(tags={"model": model_id})
+        self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
         logger.info(
-            "loaded adapter %s into %s in %.2f s: charged %s; used %s of %s",
-            record.id, base.id, time.perf_counter() - started, format_gb(record.cost),
-            format_gb(self.ledger.used(record.node)), format_gb(self.ledger.nodes[record.node].limit),
+            "loaded model %s%s in %.2f s: charged %s (%s); used %s of %s",
+            model_id,
+            f" on node {record.node}" if self.monitor else "",
+            seconds,
+            format_gb(record.cost),
+            f"adapter in {base.id}'s replica" if base else
+            f"measured process {format_gb(measured.process_bytes)}, weights {format_gb(measured.weights_bytes)}",
+            format_gb(self.ledger.used(record.node)),
+            format_gb(self.ledger.nodes[record.node].limit),
         )
         await self.changes.notify()
+
+    async def _into_replica(self, record: ModelRecord) -> Measured | None:
+        """Start the model's replica on the node it was admitted to and load its weights there;
+        None when that node left meanwhile (the model is to be placed again)."""
+        node = record.node
+        if node is None:  # its node left while room was made there
+            return None
+        gone = self.monitor.gone(node) if self.monitor else asyncio.get_running_loop().create_future()
+        try:
+            await self.placements.start(record)
+            if record.node != node:  # it left while the replica was being asked for
+                return None
+            report = await unless(gone, self.placements.load(record))
+        except Exception as error:
+            if record.node != node:  # the ledger has unloaded it with its node
+                logger.warning("node %s left while model %s was loading there; placing it again", node, record.id)
+                return None
+            reason = failure(error)
+            logger.error("loading model %s failed: %s", record.id, reason)
+            self.ledger.fail_load(record.id, reason)
+            await asyncio.wait([self._evict(record.id, "load_failed")])
+            raise model_load_failed(record.id, reason) from None
+        self.ledger.finish_load(record.id, report.measured(), time.time())
+        if report.usage is not None:
+            self.ledger.report_usage(record.id, report.usage)
+        if self.warm:
+            node_id = self.ledger.nodes[node].node_id if self.monitor else None
+            spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
+        return report.measured()
+
+    async def _into_base(self, record: ModelRecord, base: ModelRecord) -> Measured | None:
+        """Load an adapter into its base's replica; None when that replica went meanwhile
+        (and the adapter with it)."""
+        if record.status != Status.LOADING or base.status != Status.LOADED:
+            return None
+        try:
+            loaded = await self.placements.load_adapter(record)
+        except Exception as error:
+            reason = failure(error)
+            logger.error("loading adapter %s into %s failed: %s", record.id, base.id, reason)
+            self.ledger.restore(record.id, Status.UNLOADED, f"load failed: {reason}")
+            await self.changes.notify()
+            raise model_load_failed(record.id, reason) from None
+        measured = Measured(loaded, loaded, 0, base.measured.replica if base.measured else "")
+        self.ledger.finish_load(record.id, measured, time.time())
+        return measured
 
     async def _make_room(
         self,
@@ -403,25 +400,31 @@ class Controller:
         returned (its claimant asks again with what it needs by then)."""
         while True:
             decision = ask()
-            if isinstance(decision, NoNode):
-                self._refuse(model_id, node_unavailable(decision.message))
             if isinstance(decision, Unsized):
                 raise unsized(model_id, self.ledger[model_id].entry.path)
-            if isinstance(decision, Insufficient):
-                self._refuse(model_id, cannot_fit(kind, decision))
             if isinstance(decision, Wait):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if refuse_when_late:
-                        self._refuse(model_id, still_busy(kind, decision, self.config.load_wait_timeout))
+                if remaining > 0:
+                    if kind == ClaimKind.LOAD:  # a KV claim waits in short turns: one line per load only
+                        logger.info(
+                            "model %s waits for busy models to finish (%s); up to %.0f s more",
+                            model_id, decision.message, remaining,
+                        )
+                    await self.changes.wait(remaining)
+                    continue
+                if not refuse_when_late:
                     return False
-                if kind == ClaimKind.LOAD:  # a KV claim waits in short turns: one line per load only
-                    logger.info(
-                        "model %s waits for busy models to finish (%s); up to %.0f s more",
-                        model_id, decision.message, remaining,
-                    )
-                await self.changes.wait(remaining)
-                continue
+            refusal = (
+                node_unavailable(decision.message) if isinstance(decision, NoNode)
+                else cannot_fit(kind, decision) if isinstance(decision, Insufficient)
+                else still_busy(kind, decision, self.config.load_wait_timeout) if isinstance(decision, Wait)
+                else None
+            )
+            if refusal is not None:
+                self.metrics["refusals"].inc(tags={"model": model_id})
+                logger.warning("refused model %s: %s (budget %s)", model_id, refusal.message,
+                               format_gb(self.ledger.limit))
+                raise refusal
             if not decision.victims:
                 self._update_gauges()
                 return True
@@ -437,11 +440,6 @@ class Controller:
             if kind == ClaimKind.LOAD:  # a load's room was claimed with its victims; KV asks again
                 self._update_gauges()
                 return True
-
-    def _refuse(self, model_id: str, error: ApiError) -> NoReturn:
-        self.metrics["refusals"].inc(tags={"model": model_id})
-        logger.warning("refused model %s: %s (budget %s)", model_id, error.message, format_gb(self.ledger.limit))
-        raise error
 
     async def _evict_all(self, model_ids: tuple[str, ...] | list[str], reason: str) -> str:
         """Evict models concurrently; the ones that could not be unloaded, in words."""
@@ -471,7 +469,13 @@ class Controller:
                 return  # its node left meanwhile, and the ledger let it go with it
         except Exception as error:
             logger.error("unloading model %s failed: %r", model_id, error)
-            await self._restore_from_serve(model_id, f"scaling to zero failed: {error}")
+            # The ledger takes what Serve runs: loaded if a replica still holds the weights.
+            why = f"scaling to zero failed: {error}"
+            state = await self.placements.state(record) if await self.placements.is_running(record) else None
+            if state is not None and state.weights == "loaded":
+                self.ledger.restore(model_id, Status.LOADED, f"{why}; its replica still holds the weights")
+            else:
+                self.ledger.restore(model_id, Status.UNLOADED, f"{why}; no replica holds the weights")
             raise
         else:
             # A failed load held no weights: not an eviction.
@@ -489,15 +493,6 @@ class Controller:
             )
         finally:
             await self.changes.notify()
-
-    async def _restore_from_serve(self, model_id: str, why: str) -> None:
-        """After a scaling call failed: loaded if a replica still holds the weights, else unloaded."""
-        record = self.ledger[model_id]
-        state = await self.placements.state(record) if await self.placements.is_running(record) else None
-        if state is not None and state.weights == "loaded":
-            self.ledger.restore(model_id, Status.LOADED, f"{why}; its replica still holds the weights")
-        else:
-            self.ledger.restore(model_id, Status.UNLOADED, f"{why}; no replica holds the weights")
 
     # -- replicas that die ----------------------------------------------------------------------
 
@@ -552,23 +547,7 @@ class Controller:
             await self.monitor.check()
         await self.placements.scaler.wait_until_app_settled()
         records = list(self.ledger.models.values())
-        now = time.time()
-        for seen in await self.placements.survey(records):
-            record, node, state = seen.record, seen.node, seen.state
-            if record.status != Status.UNLOADED or not self.ledger.nodes[node].alive:
-                continue  # found on another node already, or its node is not here
-            kind = found(seen.running, seen.starting, state.weights if state is not None else None)
-            if kind in (Found.LOADED, Found.LOADING):
-                status = Status.LOADED if kind == Found.LOADED else Status.LOADING
-                measured = state.report.measured() if state.report else None
-                self.ledger.adopt(record.id, status, measured, state.leases, now, node)
-                if state.usage is not None:
-                    self.ledger.report_usage(record.id, state.usage)
-                for adapter, size in state.adapters.items() if status == Status.LOADED else ():
-                    if adapter in self.ledger and self.ledger[adapter].entry.base == record.id:
-                        self.ledger.adopt(adapter, Status.LOADED, Measured(size, size, 0, measured.replica), [], now, node)
-            elif kind == Found.STARTING:  # the load a previous controller began finishes here
-                self.ledger.adopt(record.id, Status.LOADING, None, [], now, node)
+        adopt(self.ledger, await self.placements.survey(records), time.time())
         await self.placements.keep_only(records)
         for record in records:
             if record.status == Status.LOADING:
@@ -613,15 +592,7 @@ class Controller:
             logger.info("model %s idle for over %.0f s", model_id, self.ledger[model_id].entry.idle_ttl)
         await self._evict_all(tuple(expired), "idle_ttl")
 
-    def _every(self, work: Callable[[], Awaitable[None]], seconds: float) -> asyncio.Task:
-        """Rounds of `work` once the controller is ready."""
-        return spawn(every(work, seconds, after=self._ready))
-
     # -- nodes ----------------------------------------------------------------------------------
-
-    def _free(self) -> Free:
-        """What each node's OS reports free: measured here on one machine, by the probes on several."""
-        return self.monitor.free if self.monitor else self._os_free()
 
     async def _node_joined(self, node: PresentNode, budget: int) -> None:
         self.ledger.join(node.name, node.node_id, node.labels, budget)

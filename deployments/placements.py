@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model_server import LoadReport, ReplicaState
 from deployments.scaler import SCALE_TIMEOUT_SECONDS
+from policies.adoption import Running
 from policies.config import LOCAL_NODE, placement_name
 from policies.generation import AdapterRef
 from policies.ledger import ModelRecord
@@ -26,17 +26,6 @@ logger = module_logger(__name__)
 
 # How long a replica's answer about its state may take.
 REPLICA_ANSWER_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One model deployment on one node, as found at a (re)start of the controller."""
-
-    record: ModelRecord
-    node: str
-    running: int  # replicas up
-    starting: int  # replicas on their way up
-    state: ReplicaState | None  # what the running replica holds; None: none runs or it did not answer
 
 
 class Placements:
@@ -95,7 +84,7 @@ class Placements:
     async def is_running(self, record: ModelRecord) -> bool:
         return (await self.scaler.running()).get(self.name(record), 0) > 0
 
-    async def survey(self, records: list[ModelRecord]) -> list[Seen]:
+    async def survey(self, records: list[ModelRecord]) -> list[Running]:
         """Every model deployment on every node, and what its running replica holds."""
         replicas = await self.scaler.replica_states()
         found = [
@@ -114,7 +103,12 @@ class Placements:
         for (record, node, counts), state in zip(found, states):
             running = counts.get(self.scaler.RUNNING, 0)
             starting = sum(counts.values()) - running - counts.get(self.scaler.STOPPING, 0)
-            seen.append(Seen(record, node, running, starting, state))
+            if state is None:
+                seen.append(Running(record.id, node, running, starting, None))
+            else:
+                measured = state.report.measured() if state.report else None
+                seen.append(Running(record.id, node, running, starting, state.weights, measured, state.leases,
+                                    state.usage, state.adapters))
         return seen
 
     async def keep_only(self, records: list[ModelRecord]) -> None:
