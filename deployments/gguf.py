@@ -14,6 +14,7 @@ files with other types (K-quants, ...) are dequantized with the `gguf` package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,14 +63,16 @@ class GGUFError(ValueError):
 def converted_model_dir(path: str | Path, cache_dir: str | Path, dequantize: bool) -> Path:
     """An mlx-lm model folder for a GGUF file, converted on first use and then reused.
 
-    The cache entry is keyed by the file's name, size and modification time (and the
+    The cache entry is keyed by the file's path, size and modification time (and the
     weights' form), and is written to a temporary folder first, so a crash mid-conversion
-    never leaves a half entry.
+    never leaves a half entry. A new entry replaces the ones of earlier versions of the
+    same file (a download again, an edit): they would only fill the disk.
     """
     source = Path(path).resolve()
     stat = source.stat()
     form = "float32" if dequantize else "native"
-    target = Path(cache_dir).expanduser() / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}-{form}"
+    place = hashlib.sha1(str(source).encode()).hexdigest()[:8]
+    target = Path(cache_dir).expanduser() / f"{source.stem}-{place}-{stat.st_size}-{stat.st_mtime_ns}-{form}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,10 @@ def converted_model_dir(path: str | Path, cache_dir: str | Path, dequantize: boo
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     logger.info("converted %s in %.1f s", source.name, time.perf_counter() - started)
+    for stale in target.parent.glob(f"{source.stem}-{place}-*-{form}"):
+        if stale != target and ".partial-" not in stale.name:
+            logger.info("removing %s: converted from an earlier version of %s", stale, source)
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 

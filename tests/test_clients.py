@@ -24,7 +24,7 @@ from tests.conftest import ROOT
 
 BIN = ROOT / ".clients" / "node_modules" / ".bin"
 AGENT = "tiny-agent"  # SmolLM2's tokenizer, a 32k context, a few words per answer
-REAL = "smollm2-135m-instruct"  # too small a context for Claude Code with its tools
+REAL = "smollm2-135m-instruct"  # too small a context for Claude Code with its tools on
 CLIENT_SECONDS = 300
 
 pytestmark = pytest.mark.skipif(
@@ -79,6 +79,25 @@ def test_claude_code_streams_its_turn_as_stream_json(base_url, home):
     assert result["is_error"] is False and run.returncode == 0, result
     kinds = {json.loads(line).get("type") for line in run.stdout.splitlines() if line.startswith("{")}
     assert {"system", "assistant", "result"} <= kinds
+
+
+def test_claude_code_finishes_its_turn_on_the_real_model(base_url, home):
+    """SmolLM2 (8k context) with Claude Code's tools off and a short system prompt of the
+    user's: its 1.5k-token prompt asks for max_tokens 32000, so the turn goes through the
+    overflow retry again, on a model that really answers. Claude Code sends no temperature,
+    so the model samples: under Claude Code's own long prompt it loops and never ends its
+    turn, and with this one it ended 28 times out of 28 in a helper's replays. One rerun
+    is allowed, only for a turn the model did not end (an API error fails at once)."""
+    args = ["-p", "Say hello", "--tools", "", "--output-format", "json",
+            "--system-prompt", "You are a helpful assistant. Answer in one short sentence."]
+    env = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "100"}  # a reply that runs on is cut in seconds
+    for attempt in range(2):
+        run = launch(base_url, home, "claude", *args, model=REAL, env=env)
+        result = claude_result(run)
+        if result["is_error"] is False and run.returncode == 0:
+            return
+        assert "API Error" not in str(result.get("result")), result
+    raise AssertionError(f"SmolLM2 did not end its turn twice in a row: {result}")
 
 
 def test_codex_finishes_its_turn(base_url, home):

@@ -128,7 +128,7 @@ def test_types_mlx_cannot_read_are_dequantized(sources, tmp_path):
     assert np.abs(logits(converted, ids) - logits(source, ids)).max() < 0.5  # Q5_0's error
 
 
-def test_conversion_is_cached_by_file_version(sources, tmp_path):
+def test_conversion_is_cached_by_file_version_and_earlier_versions_removed(sources, tmp_path):
     gguf = write_gguf(sources["llama"], tmp_path / "tiny.gguf", "llama")
     started = time.perf_counter()
     first = converted_model_dir(gguf, tmp_path / "cache", dequantize=False)
@@ -139,7 +139,11 @@ def test_conversion_is_cached_by_file_version(sources, tmp_path):
     os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new version of the file
     second = converted_model_dir(gguf, tmp_path / "cache", dequantize=False)
     assert second != first and (second / "config.json").exists()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
+    # The earlier version's copy is gone; a file of the same name elsewhere keeps its own.
+    (tmp_path / "other").mkdir()
+    elsewhere = write_gguf(sources["llama"], tmp_path / "other" / "tiny.gguf", "llama")
+    third = converted_model_dir(elsewhere, tmp_path / "cache", dequantize=False)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([second.name, third.name])
     assert converting > 0
 
 
