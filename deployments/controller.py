@@ -299,7 +299,8 @@ class Controller:
         record = self.ledger[model_id]
         base = self.ledger[record.entry.base] if record.entry.base else None
         started = time.perf_counter()
-        record.waiting += base is not None
+        waits = 1 if base is not None else 0  # the adapter's wait keeps its base busy
+        record.waiting += waits
         try:
             while True:
                 while model_id in self._unloading:  # an admin unload or an eviction is still running
@@ -323,7 +324,7 @@ class Controller:
                 if measured is not None:
                     break
         finally:
-            record.waiting -= base is not None
+            record.waiting -= waits
         seconds = time.perf_counter() - started
         self.metrics["loads"].inc(tags={"model": model_id})
         self.metrics["load_seconds"].observe(seconds, tags={"model": model_id})
@@ -361,13 +362,14 @@ class Controller:
             self.ledger.fail_load(record.id, reason)
             await asyncio.wait([self._evict(record.id, "load_failed")])
             raise model_load_failed(record.id, reason) from None
-        self.ledger.finish_load(record.id, report.measured(), time.time())
+        measured = report.measured()
+        self.ledger.finish_load(record.id, measured, time.time())
         if report.usage is not None:
             self.ledger.report_usage(record.id, report.usage)
         if self.warm:
             node_id = self.ledger.nodes[node].node_id if self.monitor else None
             spawn(self.warm.replace(node_id, report.runtime_env, report.warm_worker))
-        return report.measured()
+        return measured
 
     async def _into_base(self, record: ModelRecord, base: ModelRecord) -> Measured | None:
         """Load an adapter into its base's replica; None when that replica went meanwhile

@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.model_server import LoadReport, ReplicaState
 from deployments.scaler import SCALE_TIMEOUT_SECONDS
-from policies.adoption import Running
+from policies.adoption import Deployment
 from policies.config import LOCAL_NODE, placement_name
 from policies.generation import AdapterRef
 from policies.ledger import ModelRecord
@@ -84,7 +84,7 @@ class Placements:
     async def is_running(self, record: ModelRecord) -> bool:
         return (await self.scaler.running()).get(self.name(record), 0) > 0
 
-    async def survey(self, records: list[ModelRecord]) -> list[Running]:
+    async def survey(self, records: list[ModelRecord]) -> list[Deployment]:
         """Every model deployment on every node, and what its running replica holds."""
         replicas = await self.scaler.replica_states()
         found = [
@@ -104,10 +104,10 @@ class Placements:
             running = counts.get(self.scaler.RUNNING, 0)
             starting = sum(counts.values()) - running - counts.get(self.scaler.STOPPING, 0)
             if state is None:
-                seen.append(Running(record.id, node, running, starting, None))
+                seen.append(Deployment(record.id, node, running, starting, None))
             else:
                 measured = state.report.measured() if state.report else None
-                seen.append(Running(record.id, node, running, starting, state.weights, measured, state.leases,
+                seen.append(Deployment(record.id, node, running, starting, state.weights, measured, state.leases,
                                     state.usage, state.adapters))
         return seen
 

@@ -34,7 +34,7 @@ def found(running: int, starting: int, weights: str | None) -> Found:
 
 
 @dataclass(frozen=True)
-class Running:
+class Deployment:
     """One model deployment on one node, as a (re)starting controller finds it."""
 
     model: str
@@ -48,12 +48,13 @@ class Running:
     adapters: dict[str, int] = field(default_factory=dict)  # LoRA adapters it holds: {id: bytes}
 
 
-def adopt(ledger: Ledger, found_running: list[Running], now: float) -> None:
+def adopt(ledger: Ledger, deployments: list[Deployment], now: float) -> None:
     """Take into the ledger what Serve runs: a model with weights as loaded (with the leases
     its replica serves, and the adapters it holds); one reading them, or starting for a
-    request the previous controller took, as loading (the caller finishes its load). The first node a model is found on wins; a node the
-    ledger does not have alive is skipped. Whatever is not taken stays unloaded."""
-    for seen in found_running:
+    request the previous controller took, as loading (the caller finishes its load). The
+    first node a model is found on wins; a node the ledger does not have alive is skipped.
+    Whatever is not taken stays unloaded."""
+    for seen in deployments:
         record = ledger[seen.model]
         if record.status != Status.UNLOADED or not ledger.nodes[seen.node].alive:
             continue

@@ -269,11 +269,12 @@ def json_path(loc: tuple[str | int, ...], body: Any) -> list[str | int]:
     a tagged object (a tool's `custom`)."""
     path, node, tagged = [], body, False
     for part in loc:
-        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node) or (
-                isinstance(node, dict) and part in node):
+        in_body = (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)) or (
+            isinstance(node, dict) and part in node)
+        is_tag = not tagged and isinstance(node, dict) and node.get("type") == part
+        if in_body:
             node, tagged = node[part], False
-        elif isinstance(part, str) and (
-                _is_label(part) or not tagged and isinstance(node, dict) and node.get("type") == part):
+        elif isinstance(part, str) and (_is_label(part) or is_tag):
             tagged = True
             continue
         else:  # a field the body lacks

@@ -174,12 +174,8 @@ def _tokens(body: str) -> list[tuple[str, str]]:
             raise Unflattenable(f"cannot read {body[at:at + 30]!r}")
         at = match.end()
         kind = match.lastgroup
-        if kind == "string":
-            out.append(("string", match[0]))
-        elif kind == "regexp":
-            out.append(("regexp", match[0]))
-        elif kind not in ("space", "comment"):
-            out.append((kind if kind != "punct" else match[0], match[0]))
+        if kind not in ("space", "comment"):  # punctuation is its own kind: `(`, `|`, `~`, ...
+            out.append((match[0] if kind == "punct" else kind, match[0]))
     return out
 
 

@@ -27,7 +27,7 @@ def test_what_a_restart_finds(running, starting, weights, expected):
 def test_a_restart_takes_into_the_ledger_what_serve_runs():
     from dataclasses import replace
 
-    from policies.adoption import Running, adopt
+    from policies.adoption import Deployment, adopt
     from policies.config import LOCAL_NODE
     from policies.kv import Usage
     from tests.test_policies_ledger import GB, entry, ledger
@@ -36,11 +36,11 @@ def test_a_restart_takes_into_the_ledger_what_serve_runs():
     book = ledger(entry("served"), adapter, entry("reading"), entry("starting"), entry("gone"), limit=10 * GB)
     measured = Measured(GB, GB // 2, GB // 2, replica="r1")
     adopt(book, [
-        Running("served", LOCAL_NODE, 1, 0, "loaded", measured, ["lease-1"], Usage(kv_bytes=5), {"served-lora": 7}),
-        Running("reading", LOCAL_NODE, 1, 0, "loading", None, ["lease-2"]),
-        Running("starting", LOCAL_NODE, 0, 1, None),
-        Running("gone", LOCAL_NODE, 0, 0, None),
-        Running("served", LOCAL_NODE, 1, 0, "none"),  # found again (another node's): the first wins
+        Deployment("served", LOCAL_NODE, 1, 0, "loaded", measured, ["lease-1"], Usage(kv_bytes=5), {"served-lora": 7}),
+        Deployment("reading", LOCAL_NODE, 1, 0, "loading", None, ["lease-2"]),
+        Deployment("starting", LOCAL_NODE, 0, 1, None),
+        Deployment("gone", LOCAL_NODE, 0, 0, None),
+        Deployment("served", LOCAL_NODE, 1, 0, "none"),  # found again (another node's): the first wins
     ], now=100)
     statuses = {r.id: r.status for r in book.models.values()}
     assert statuses == {"served": Status.LOADED, "served-lora": Status.LOADED, "reading": Status.LOADING,
