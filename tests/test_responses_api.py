@@ -12,6 +12,7 @@ import pytest
 
 from policies.input_grammar import input_grammar
 from tests.conftest import ROOT
+from tests.test_input_grammar import accepts
 
 REAL = "smollm2-135m-instruct"
 WEATHER = {
@@ -174,7 +175,7 @@ def test_a_codex_shaped_request_is_served_and_says_what_it_left_out(http):
     assert [item["type"] for item in patch["output"]] in (["custom_tool_call"], [])
     assert patch["status"] == ("completed" if patch["output"] else "incomplete")
     if patch["output"]:
-        assert re.fullmatch(input_grammar(CODEX_TOOLS[2]["format"]).pattern, patch["output"][0]["input"])
+        assert accepts(input_grammar(CODEX_TOOLS[2]["format"]), patch["output"][0]["input"])
 
 
 CALC = {"type": "custom", "name": "calc", "description": "Arithmetic on two numbers.",
@@ -202,6 +203,28 @@ def test_a_forced_custom_tool_call_follows_its_grammar(http, stream):
     (call,) = answer["output"]
     assert (call["type"], call["name"]) == ("custom_tool_call", "calc")
     assert re.fullmatch(r"(add|mul) [0-9]{1,3} [0-9]{1,3}", call["input"]), call["input"]
+
+
+ARITHMETIC = {"type": "custom", "name": "arithmetic", "description": "Evaluates one arithmetic expression.",
+              "format": {"type": "grammar", "syntax": "lark",
+                         "definition": 'start: expr\nexpr: NUM | "(" expr OP expr ")"\nOP: " + " | " * "\nNUM: /[0-9]+/'}}
+
+
+def balanced_expression(text: str) -> bool:
+    while re.search(r"\([0-9]+ [+*] [0-9]+\)", text):
+        text = re.sub(r"\([0-9]+ [+*] [0-9]+\)", "0", text)
+    return re.fullmatch(r"[0-9]+", text) is not None
+
+
+def test_a_recursive_custom_tool_grammar_is_enforced(http):
+    response = http.post("/v1/responses", json={
+        "model": REAL, "input": "Use the arithmetic tool to compute 2 plus 3 times 4.", "tools": [ARITHMETIC],
+        "tool_choice": {"type": "custom", "name": "arithmetic"}, "parallel_tool_calls": False,
+        "max_output_tokens": 200, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert "warning" not in response.headers
+    (call,) = response.json()["output"]
+    assert call["type"] == "custom_tool_call" and balanced_expression(call["input"]), call
 
 
 def test_a_custom_tool_grammar_that_does_not_compile_is_a_400(client):

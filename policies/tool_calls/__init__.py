@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from llguidance import LLMatcher, LLTokenizer
 
 from policies.events import ToolCall
+from policies.input_grammar import escaped_input_grammar
 
 
 class Grammar(Protocol):
@@ -86,7 +87,8 @@ def calls_grammar(
 
     A call is `{"name": "<tool>", "<arguments_key>": <arguments>}`, to one of `tools` (OpenAI
     shape) or only to the one called `name`. Each tool's parameters are a JSON schema of
-    their own, so that their `$ref`s still resolve against their own root. `optional`: the
+    their own, so that their `$ref`s still resolve against their own root; a custom tool's
+    Lark grammar is a grammar of its own, for the same reason. `optional`: the
     answer may instead be text, which then does not open with a marker (`<` or `[`).
     """
     functions = [tool["function"] for tool in tools]
@@ -105,7 +107,13 @@ def calls_grammar(
         schema["x-guidance"] = _JSON_OPTIONS
         head = '{"name": ' + json.dumps(function["name"], ensure_ascii=False) + f', "{arguments_key}": '
         rules.append(f"call_{i}: {literal(head)} arguments_{i} {literal('}')}")
-        rules.append(f"arguments_{i}: %json {json.dumps(schema)}")
+        escaped_input = escaped_input_grammar(schema)
+        if escaped_input is None:
+            rules.append(f"arguments_{i}: %json {json.dumps(schema)}")
+        else:  # a custom tool's Lark grammar, for its one string
+            opening, closing = literal('{"input": "'), literal('"}')
+            rules.append(f"arguments_{i}: {opening} input_{i} {closing}")
+            rules.append(f"input_{i}: %lark {{\n{escaped_input}}}")
     return LLMatcher.grammar_from_lark("\n".join(rules) + "\n")
 
 
