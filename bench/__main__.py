@@ -27,6 +27,7 @@ SUITE: dict[str, int | None] = {
     "embeddings": 3,
     "gguf": 3,
     "structured": 3,
+    "input_grammar": 5,
     "adapters": 2,
     "speculation": 2,
     "memory": None,
