@@ -32,6 +32,8 @@ from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_byte
 from deployments.placements import Placements
 from deployments.scaler import ReplicaScaler
 from deployments.tasks import Changes, SingleFlight, every, spawn
+from deployments.replica_checks import REPLICA_CHECK_SECONDS, ReplicaChecks
+from deployments.unloads import Unloads
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.adoption import adopt
@@ -55,9 +57,6 @@ from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose,
 
 logger = module_logger(__name__)
 
-# How often loaded models' replicas are asked whether they still hold their weights (Serve
-# restarts a dead replica without them).
-REPLICA_CHECK_SECONDS = 10.0
 # Ray's metrics agent drops a gauge value not set again within two export periods (20 s by
 # default): re-set every gauge well inside that, so a scrape always sees the fleet's state.
 GAUGE_REPUBLISH_SECONDS = 5.0
@@ -132,13 +131,17 @@ class Controller:
         self._free: Callable[[], Free] = (lambda: self.monitor.free) if self.monitor else effects.free_memory
         # Signalled whenever memory, leases or statuses change: waiters re-check.
         self.changes = Changes(self._update_gauges)
-        self._loading, self._unloading, self._checking = SingleFlight(), SingleFlight(), SingleFlight()
+        self._loading = SingleFlight()
+        self.unloads = Unloads(self.ledger, self.placements, self.metrics, self.changes)
+        self.replicas = ReplicaChecks(self.ledger, self.placements, self.metrics, self.changes, self.unloads, self._reload)
         self._ready = asyncio.Event()
         ttls = [entry.idle_ttl for entry in catalog if entry.idle_ttl]
         rounds = [  # each runs once the controller is ready
             *([(self.monitor.check, NODE_CHECK_SECONDS)] if self.monitor else []),
             (self._expire_leases, config.lease_ttl / 4),
-            (self._check_replicas, REPLICA_CHECK_SECONDS),
+            (self.replicas.check_all, REPLICA_CHECK_SECONDS),
+            # a local warm worker that was killed, or kept alive for too long
+            *([(self.warm.keep_local, REPLICA_CHECK_SECONDS)] if self.warm and not self.monitor else []),
             (self._update_gauges, GAUGE_REPUBLISH_SECONDS),
             *([(self._expire_idle, max(0.5, min(ttls) / 4))] if ttls else []),
         ]
@@ -209,11 +212,10 @@ class Controller:
         record = self._record(model_id)
         if record.entry.base is not None:  # an adapter's replica is its base's
             record = self.ledger[record.entry.base]
-            model_id = record.id
         if self.monitor and record.node and not await self.monitor.confirm(record.node):
             return  # the node is gone, and the model with it
         if record.status == Status.LOADED:
-            await asyncio.shield(self._checking.join(model_id, self._check_replica))
+            await asyncio.shield(self.replicas.check(record.id))
 
     async def statuses(self) -> dict[str, dict[str, Any]]:
         return {r.id: {"status": r.status.value, "pinned": r.pinned} for r in self.ledger.models.values()}
@@ -256,14 +258,14 @@ class Controller:
         await self._ready.wait()
         deadline = time.monotonic() + self.config.load_wait_timeout
         while True:
-            for tasks in (self._loading, self._unloading):
+            for tasks in (self._loading, self.unloads):
                 if model_id in tasks:  # its failure is not ours; its length is bounded here
                     await asyncio.wait([tasks[model_id]], timeout=max(0.0, deadline - time.monotonic()))
             if record.status in (Status.UNLOADED, Status.UNLOADING):
                 return
             if self.ledger.begin_unload(model_id, "unloaded by an admin"):
                 try:
-                    await asyncio.shield(self._evict(model_id, "admin"))
+                    await asyncio.shield(self.unloads.evict(model_id, "admin"))
                 except Exception as error:
                     raise model_unload_failed(model_id, str(error)) from None
                 return
@@ -271,7 +273,7 @@ class Controller:
             if remaining <= 0:
                 doing = (
                     "is still loading" if model_id in self._loading
-                    else "is still being unloaded" if model_id in self._unloading
+                    else "is still being unloaded" if model_id in self.unloads
                     else f"is still leased for requests by {len(record.leases)} ingress replica(s)"
                 )
                 raise model_busy(model_id, doing, self.config.load_wait_timeout)
@@ -303,8 +305,8 @@ class Controller:
         record.waiting += waits
         try:
             while True:
-                while model_id in self._unloading:  # an admin unload or an eviction is still running
-                    await asyncio.wait([self._unloading[model_id]])
+                while model_id in self.unloads:  # an admin unload or an eviction is still running
+                    await asyncio.wait([self.unloads[model_id]])
                 if base is not None:
                     await self._loaded(base)
                 if record.status == Status.LOADED:
@@ -341,6 +343,13 @@ class Controller:
         )
         await self.changes.notify()
 
+    async def _reload(self, model_id: str) -> None:
+        """Load a model again whose replica Serve replaced without weights."""
+        try:
+            await asyncio.shield(self._loading.join(model_id, self._load))
+        except ApiError as error:
+            logger.error("reloading model %s failed: %s", model_id, error.message)
+
     async def _into_replica(self, record: ModelRecord) -> Measured | None:
         """Start the model's replica on the node it was admitted to and load its weights there;
         None when that node left meanwhile (the model is to be placed again)."""
@@ -360,7 +369,7 @@ class Controller:
             reason = failure(error)
             logger.error("loading model %s failed: %s", record.id, reason)
             self.ledger.fail_load(record.id, reason)
-            await asyncio.wait([self._evict(record.id, "load_failed")])
+            await asyncio.wait([self.unloads.evict(record.id, "load_failed")])
             raise model_load_failed(record.id, reason) from None
         measured = report.measured()
         self.ledger.finish_load(record.id, measured, time.time())
@@ -433,7 +442,7 @@ class Controller:
             logger.info(
                 "evicting %s (least recently used, idle) %s", ", ".join(decision.victims), purpose(kind, model_id)
             )
-            failed = await self._evict_all(decision.victims, "lru")
+            failed = await self.unloads.evict_all(decision.victims, "lru")
             if failed:
                 if kind == ClaimKind.LOAD:  # admitted with its victims: it is not loading after all
                     self.ledger.restore(model_id, Status.UNLOADED, f"could not make room: {failed}")
@@ -442,96 +451,6 @@ class Controller:
             if kind == ClaimKind.LOAD:  # a load's room was claimed with its victims; KV asks again
                 self._update_gauges()
                 return True
-
-    async def _evict_all(self, model_ids: tuple[str, ...] | list[str], reason: str) -> str:
-        """Evict models concurrently; the ones that could not be unloaded, in words."""
-        tasks = [self._evict(model_id, reason) for model_id in model_ids]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        return ", ".join(
-            f"{model_id} ({result})"
-            for model_id, result in zip(model_ids, results)
-            if isinstance(result, BaseException)
-        )
-
-    def _evict(self, model_id: str, reason: str) -> asyncio.Task:
-        """Scale a model (already marked unloading) to zero; the task ends when it is gone."""
-        # Registered at once, so that a load of the same model always finds it and waits.
-        return self._unloading.start(model_id, self._scale_to_zero(model_id, reason))
-
-    async def _scale_to_zero(self, model_id: str, reason: str) -> None:
-        """Stop the model's replica (a text model's saves its prompt cache on the way out).
-        If Serve does not get there, the ledger takes what Serve really runs."""
-        record = self.ledger[model_id]
-        try:
-            if record.entry.base is None:
-                seconds = await self.placements.stop(record)
-            else:  # out of its base's replica, unless the base is on its way out too
-                seconds = await self.placements.drop_adapter(record, self.ledger[record.entry.base].status == Status.LOADED)
-            if record.status != Status.UNLOADING:
-                return  # its node left meanwhile, and the ledger let it go with it
-        except Exception as error:
-            logger.error("unloading model %s failed: %r", model_id, error)
-            # The ledger takes what Serve runs: loaded if a replica still holds the weights.
-            why = f"scaling to zero failed: {error}"
-            state = await self.placements.state(record) if await self.placements.is_running(record) else None
-            if state is not None and state.weights == "loaded":
-                self.ledger.restore(model_id, Status.LOADED, f"{why}; its replica still holds the weights")
-            else:
-                self.ledger.restore(model_id, Status.UNLOADED, f"{why}; no replica holds the weights")
-            raise
-        else:
-            # A failed load held no weights: not an eviction.
-            evicted = reason != "load_failed"
-            self.ledger.finish_unload(model_id, reason, evicted)
-            if evicted:
-                self.metrics["evictions"].inc(tags={"model": model_id, "reason": reason})
-            logger.info(
-                "unloaded model %s (%s) in %.2f s; used %s of %s",
-                model_id,
-                reason,
-                seconds,
-                format_gb(self.ledger.used()),
-                format_gb(self.ledger.limit),
-            )
-        finally:
-            await self.changes.notify()
-
-    # -- replicas that die ----------------------------------------------------------------------
-
-    async def _check_replicas(self) -> None:
-        if self.warm and not self.monitor:  # one that was killed, or kept alive for too long
-            await self.warm.keep_local()
-        loaded = [
-            r.id
-            for r in self.ledger.models.values()
-            if r.status == Status.LOADED and r.id not in self._unloading and r.entry.base is None
-        ]
-        await asyncio.gather(
-            *(self._checking.join(model_id, self._check_replica) for model_id in loaded)
-        )
-
-    async def _check_replica(self, model_id: str) -> None:
-        """Reload a model whose replica Serve replaced (it starts without weights), or take
-        note that the replacement loaded them already for a request."""
-        record = self.ledger[model_id]
-        state = await self.placements.state(record)
-        if state is None or record.status != Status.LOADED:
-            return  # no answer yet (a replica restarting answers later), or nothing to do
-        if state.usage is not None:
-            self.ledger.report_usage(model_id, state.usage)
-            self._update_gauges()
-        if state.weights == "loaded":
-            known = record.measured.replica if record.measured else None
-            if state.report.replica != known:
-                self.ledger.replica_replaced(model_id, state.report.measured(), time.time())
-                self.metrics["loads"].inc(tags={"model": model_id})
-            return
-        self.ledger.begin_reload(model_id, "its replica was replaced without weights (it died?)")
-        await self.changes.notify()
-        try:
-            await asyncio.shield(self._loading.join(model_id, self._load))
-        except ApiError as error:
-            logger.error("reloading model %s failed: %s", model_id, error.message)
 
     # -- start, restart and expiry --------------------------------------------------------------
 
@@ -592,7 +511,7 @@ class Controller:
         expired = self.ledger.take_idle(time.time())
         for model_id in expired:
             logger.info("model %s idle for over %.0f s", model_id, self.ledger[model_id].entry.idle_ttl)
-        await self._evict_all(tuple(expired), "idle_ttl")
+        await self.unloads.evict_all(tuple(expired), "idle_ttl")
 
     # -- nodes ----------------------------------------------------------------------------------
 
