@@ -38,22 +38,14 @@ from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers
 from policies.adoption import adopt
 from policies.config import CONTROLLER_NAME, AppConfig, ModelEntry
-from policies.errors import (
-    ApiError,
-    model_busy,
-    may_not_load,
-    model_load_failed,
-    model_not_found,
-    model_unload_failed,
-    node_unavailable,
-)
+from policies.errors import ApiError, may_not_load, model_busy, model_load_failed, model_not_found, model_unload_failed
 from policies.eviction import Evict, Insufficient
 from policies.kv import KvAsk
-from policies.ledger import Free, Lease, Ledger, Measured, ModelRecord, NoNode, Status, Unsized
+from policies.ledger import Free, Lease, Ledger, Measured, ModelRecord, Status
 from policies.logs import module_logger
 from policies.memory import estimate_entry_bytes, format_gb
 from policies.nodes import PresentNode
-from policies.room import ClaimKind, Wait, cannot_fit, eviction_failed, purpose, still_busy, unsized
+from policies.room import ClaimKind, NoNode, Unsized, Wait, eviction_failed, purpose, refusal, unsized
 
 logger = module_logger(__name__)
 
@@ -425,17 +417,12 @@ class Controller:
                     continue
                 if not refuse_when_late:
                     return False
-            refusal = (
-                node_unavailable(decision.message) if isinstance(decision, NoNode)
-                else cannot_fit(kind, decision) if isinstance(decision, Insufficient)
-                else still_busy(kind, decision, self.config.load_wait_timeout) if isinstance(decision, Wait)
-                else None
-            )
-            if refusal is not None:
+            refused = refusal(kind, decision, self.config.load_wait_timeout)
+            if refused is not None:
                 self.metrics["refusals"].inc(tags={"model": model_id})
-                logger.warning("refused model %s: %s (budget %s)", model_id, refusal.message,
+                logger.warning("refused model %s: %s (budget %s)", model_id, refused.message,
                                format_gb(self.ledger.limit))
-                raise refusal
+                raise refused
             if not decision.victims:
                 self._update_gauges()
                 return True

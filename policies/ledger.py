@@ -32,7 +32,7 @@ from policies.config import LOCAL_NODE, ModelEntry
 from policies.eviction import Evict, Insufficient, Resident, headroom
 from policies.speculation import SpeculationCounts
 from policies.kv import Usage
-from policies.room import Space, Wait, decide
+from policies.room import NoNode, Space, Unsized, Wait, decide
 from policies.logs import module_logger
 
 logger = module_logger(__name__)
@@ -97,18 +97,6 @@ class _LeaseRecord:
     lease: Lease
     granted_at: float
     expires_at: float
-
-
-@dataclass(frozen=True)
-class Unsized:
-    """Nothing says what the model will cost (its files are not on disk, no `memory:` set)."""
-
-
-@dataclass(frozen=True)
-class NoNode:
-    """No node the model may run on is in the cluster."""
-
-    message: str
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from policies.errors import ApiError, insufficient_memory, model_load_failed
+from policies.errors import ApiError, insufficient_memory, model_load_failed, node_unavailable
 from policies.eviction import Evict, Insufficient, Resident, plan
 
 
@@ -36,6 +36,18 @@ class Wait:
     """Only busy or loading models stand in the way: wait for them to finish."""
 
     message: str  # why the claim does not fit now
+
+
+@dataclass(frozen=True)
+class Unsized:
+    """Nothing says what the model will cost (its files are not on disk, no `memory:` set)."""
+
+
+@dataclass(frozen=True)
+class NoNode:
+    """No node the model may run on is in the cluster."""
+
+    message: str
 
 
 def decide(
@@ -63,6 +75,18 @@ def decide(
 # -- what a refusal says ------------------------------------------------------------------------
 
 _FOR = {ClaimKind.LOAD: "", ClaimKind.KV: " (for the KV cache of a request)"}
+
+
+def refusal(kind: ClaimKind, decision: Evict | Wait | Insufficient | NoNode, waited: float) -> ApiError | None:
+    """The error a decision refuses its claim with (a Wait: once the claim waited `waited`
+    seconds for nothing); None for one that grants room."""
+    if isinstance(decision, NoNode):
+        return node_unavailable(decision.message)
+    if isinstance(decision, Insufficient):
+        return cannot_fit(kind, decision)
+    if isinstance(decision, Wait):
+        return still_busy(kind, decision, waited)
+    return None
 
 
 def purpose(kind: ClaimKind, model_id: str) -> str:

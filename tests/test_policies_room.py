@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from policies.eviction import Evict, Insufficient, Resident
-from policies.room import ClaimKind, Space, Wait, cannot_fit, decide, eviction_failed, still_busy
+from policies.room import ClaimKind, NoNode, Space, Wait, cannot_fit, decide, eviction_failed, refusal, still_busy
 
 GB = 10**9
 IDLE_OLD = Resident("old", 3 * GB, last_used=1.0)
@@ -70,3 +70,10 @@ def test_refusals_by_kind():
     assert late.code == "insufficient_memory" and late.message.endswith("still busy after 30 s")
     assert eviction_failed(ClaimKind.LOAD, "m", "old").code == "model_load_failed"
     assert eviction_failed(ClaimKind.KV, "m", "old").code == "insufficient_memory"
+
+
+def test_each_decision_refuses_with_its_own_error_or_grants():
+    assert refusal(ClaimKind.LOAD, NoNode("no node labelled gpu"), 30).code == "node_unavailable"
+    assert refusal(ClaimKind.KV, Insufficient(need=9 * GB, available=7 * GB), 30).code == "insufficient_memory"
+    assert refusal(ClaimKind.LOAD, Wait("busy"), 30).message.endswith("still busy after 30 s")
+    assert refusal(ClaimKind.LOAD, Evict(("old",)), 30) is None
