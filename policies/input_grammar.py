@@ -366,6 +366,9 @@ _SPELLED = {c: json.dumps(c)[1:-1] for c in ['"', "\\"] + [chr(n) for n in range
 _PLAIN = r'[^"\\\x00-\x1f]'  # the characters JSON writes as themselves
 _CATEGORIES = {sre.CATEGORY_DIGIT: r"\d", sre.CATEGORY_NOT_DIGIT: r"\D", sre.CATEGORY_SPACE: r"\s",
                sre.CATEGORY_NOT_SPACE: r"\S", sre.CATEGORY_WORD: r"\w", sre.CATEGORY_NOT_WORD: r"\W"}
+_UNSUPPORTED = {"AT": "an anchor", "ASSERT": "a lookaround", "ASSERT_NOT": "a lookaround", "GROUPREF": "a backreference",
+                "GROUPREF_EXISTS": "a conditional group", "ATOMIC_GROUP": "an atomic group",
+                "POSSESSIVE_REPEAT": "a possessive repeat"}
 _REGEX_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "x": re.VERBOSE, "u": 0, "l": 0}
 
 
@@ -491,7 +494,8 @@ class _Escaper:
         if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high, items = value
             return _repeat(self.sequence(items, flags), low, None if high is sre.MAXREPEAT else high)
-        raise Unenforceable(f"regex {str(op).lower()} (anchors, lookarounds, backreferences) is not supported")
+        what = _UNSUPPORTED.get(str(op), str(op).lower())
+        raise Unenforceable(f"a regex in it uses {what}, which has no escaped form here")
 
 
 def _rule_name(name: str) -> str:

@@ -268,6 +268,8 @@ CODEX_TOOLS = [
      "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
     {"type": "custom", "name": "calc", "description": "arithmetic",
      "format": {"type": "grammar", "syntax": "lark", "definition": 'start: e\ne: "(" e ")" | "1"'}},
+    {"type": "custom", "name": "line", "description": "one line",
+     "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[a-z]+$/"}},
     {"type": "web_search", "external_web_access": False},
     {"type": "local_shell"},
 ]
@@ -276,14 +278,15 @@ CODEX_TOOLS = [
 def test_responses_flattens_namespaces_keeps_custom_tools_and_leaves_hosted_tools_out():
     body = responses.ResponsesRequest.model_validate({"model": "m", "input": "x", "tools": CODEX_TOOLS})
     names = [t["function"]["name"] for t in body.tools_offered]
-    assert names == ["shell", "mcp__files.read", "apply_patch", "calc"]
-    patch, calc = (tool["function"]["parameters"] for tool in body.tools_offered[2:])
-    assert patch["required"] == ["input"] and patch["properties"]["input"]["pattern"] == "^(?:(?:.+))$"
-    assert "pattern" not in calc["properties"]["input"]  # a recursive grammar: no regex holds it
+    assert names == ["shell", "mcp__files.read", "apply_patch", "calc", "line"]
+    patch, calc, line = (tool["function"]["parameters"] for tool in body.tools_offered[2:])
+    assert patch["required"] == ["input"] and patch["properties"]["input"]["x-lark"] == "start: /.+/"
+    assert calc["properties"]["input"]["x-lark"] == CODEX_TOOLS[3]["format"]["definition"]  # recursive, enforced
+    assert line["properties"]["input"] == {"type": "string"}
     notes = body.ignored()
     assert any("web_search" in n for n in notes) and any("local_shell" in n for n in notes)
     assert [n for n in notes if "grammar" in n] == [
-        "custom tool 'calc': its input grammar is not enforced (rule 'e' is recursive)"]
+        "custom tool 'line': its input grammar is not enforced (a regex in it uses an anchor, which has no escaped form here)"]
 
 
 def test_responses_calls_come_back_named_as_the_client_declared_its_tools():
