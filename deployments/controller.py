@@ -30,9 +30,9 @@ from deployments.fleet_metrics import fleet_metrics, publish_gauges
 from deployments.logs import refusals_in_one_line
 from deployments.nodes import NODE_CHECK_SECONDS, NodeMonitor, memory_limit_bytes
 from deployments.placements import Placements
+from deployments.replica_checks import REPLICA_CHECK_SECONDS, ReplicaChecks
 from deployments.scaler import ReplicaScaler
 from deployments.tasks import Changes, SingleFlight, every, spawn
-from deployments.replica_checks import REPLICA_CHECK_SECONDS, ReplicaChecks
 from deployments.unloads import Unloads
 from deployments.waiting import unless
 from deployments.warm_workers import WarmWorkers, waiting_local_workers

@@ -22,7 +22,7 @@ import re
 import re._constants as sre
 import re._parser as sre_parse
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 from llguidance import LLMatcher
 
@@ -178,6 +178,7 @@ class Ref:
 Node = Union[Alt, Seq, Repeat, Text, Span, Regex, Ref]
 
 _COUNTS = {(0, None): "*", (1, None): "+", (0, 1): "?"}  # Repeat bounds with an operator of their own
+_OPERATORS = {operator: bounds for bounds, operator in _COUNTS.items()}
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,13 @@ class Grammar:
     @staticmethod
     def is_terminal(name: str) -> bool:
         return name.lstrip("_")[:1].isupper()
+
+    def used(self) -> set[str]:
+        """The names the grammar's text is made of: reached from `start`, or from %ignore."""
+        seen: set[str] = set()
+        for node in (Ref("start"), *self.ignored):
+            _names(node, self.rules, seen)
+        return seen
 
 
 _TOKEN = re.compile(r"""
@@ -220,14 +228,15 @@ def parse(definition: str) -> Grammar:
             rules[match["name"]] = _Reader(_tokens(match["body"])).whole(match["name"])
     if "start" not in rules:
         raise Unenforceable("the grammar has no start rule")
-    for name in _names(rules["start"], rules, set()) | {n for i in ignored for n in _names(i, rules, set())}:
-        if name not in rules:
-            raise Unenforceable(f"rule {name!r} is not defined")
-    return Grammar(rules, tuple(ignored))
+    grammar = Grammar(rules, tuple(ignored))
+    missing = sorted(grammar.used() - rules.keys())
+    if missing:
+        raise Unenforceable(f"rule {missing[0]!r} is not defined")
+    return grammar
 
 
-def _names(node: Node, rules: dict[str, Node], seen: set[str]) -> set[str]:
-    """Every name `node` reaches."""
+def _names(node: Node, rules: dict[str, Node], seen: set[str]) -> None:
+    """Adds to `seen` every name `node` reaches."""
     if isinstance(node, Ref):
         if node.name not in seen:
             seen.add(node.name)
@@ -238,7 +247,6 @@ def _names(node: Node, rules: dict[str, Node], seen: set[str]) -> set[str]:
             _names(child, rules, seen)
     elif isinstance(node, Repeat):
         _names(node.item, rules, seen)
-    return seen
 
 
 def _statements(definition: str) -> list[str]:
@@ -315,7 +323,7 @@ class _Reader:
                 continue
             item = self.atom()
             if self.peek() == "op":
-                low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[self.take()[1]]
+                low, high = _OPERATORS[self.take()[1]]
                 item = Repeat(item, low, high)
             elif self.peek() == "~":
                 self.take()
@@ -364,11 +372,12 @@ def _string(token: str) -> str:
 # The characters a JSON string spells with a backslash, and how (json.dumps's spelling).
 _SPELLED = {c: json.dumps(c)[1:-1] for c in ['"', "\\"] + [chr(n) for n in range(0x20)]}
 _PLAIN = r'[^"\\\x00-\x1f]'  # the characters JSON writes as themselves
+_EMPTY = '""'  # Lark's empty expression, for an empty sequence or alternative
 _CATEGORIES = {sre.CATEGORY_DIGIT: r"\d", sre.CATEGORY_NOT_DIGIT: r"\D", sre.CATEGORY_SPACE: r"\s",
                sre.CATEGORY_NOT_SPACE: r"\S", sre.CATEGORY_WORD: r"\w", sre.CATEGORY_NOT_WORD: r"\W"}
-_UNSUPPORTED = {"AT": "an anchor", "ASSERT": "a lookaround", "ASSERT_NOT": "a lookaround", "GROUPREF": "a backreference",
-                "GROUPREF_EXISTS": "a conditional group", "ATOMIC_GROUP": "an atomic group",
-                "POSSESSIVE_REPEAT": "a possessive repeat"}
+_UNSUPPORTED = {"AT": "an anchor", "ASSERT": "a lookaround", "ASSERT_NOT": "a lookaround",
+                "GROUPREF": "a backreference", "GROUPREF_EXISTS": "a conditional group",
+                "ATOMIC_GROUP": "an atomic group", "POSSESSIVE_REPEAT": "a possessive repeat"}
 _REGEX_FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": re.MULTILINE, "x": re.VERBOSE, "u": 0, "l": 0}
 
 
@@ -390,7 +399,8 @@ class CharClass:
         """Whether the class holds a character JSON writes as itself."""
         if self.negated or self.categories:
             return True
-        return any(chr(n) not in _SPELLED for lo, hi in self.ranges for n in range(lo, min(hi, lo + 40) + 1))
+        # Any len(_SPELLED) + 1 code points in a row hold a plain one.
+        return any(chr(n) not in _SPELLED for lo, hi in self.ranges for n in range(lo, min(hi, lo + len(_SPELLED)) + 1))
 
 
 def _class_char(code: int) -> str:
@@ -419,10 +429,8 @@ class _Escaper:
         rules, ignored = self.source.rules, self.source.ignored
         if ignored:
             self.lines.append("ig_: (" + " | ".join(self.write(node, False) for node in ignored) + ")*")
-        reached = _names(Ref("start"), rules, set()) | {n for node in ignored for n in _names(node, rules, set())}
-        for name in sorted(reached):
-            body = self.write(rules[name], not Grammar.is_terminal(name)) or '""'
-            self.lines.append(f"{_rule_name(name)}: {body}")
+        for name in sorted(self.source.used()):
+            self.lines.append(f"{_rule_name(name)}: {self.write(rules[name], not Grammar.is_terminal(name)) or _EMPTY}")
         return "\n".join([f"start: r_start{' ig_' if ignored else ''}", *self.lines]) + "\n"
 
     def write(self, node: Node, in_rule: bool) -> str:
@@ -430,7 +438,7 @@ class _Escaper:
         terminals (in a terminal's own definition, not)."""
         ignore = "ig_ " if in_rule and self.source.ignored else ""
         if isinstance(node, Alt):
-            return "(" + " | ".join(self.write(option, in_rule) or '""' for option in node.options) + ")"
+            return _either(self.write(option, in_rule) for option in node.options)
         if isinstance(node, Seq):
             return " ".join(filter(None, (self.write(item, in_rule) for item in node.items)))
         if isinstance(node, Repeat):
@@ -470,7 +478,7 @@ class _Escaper:
             parsed = sre_parse.parse(node.body, flags)
         except re.error as why:
             raise Unenforceable(f"regex /{node.body}/ does not read: {why}") from None
-        return self.sequence(parsed.data, parsed.state.flags) or '""'
+        return self.sequence(parsed.data, parsed.state.flags) or _EMPTY
 
     def sequence(self, items: list, flags: int) -> str:
         return " ".join(filter(None, (self.item(op, value, flags) for op, value in items)))
@@ -487,10 +495,10 @@ class _Escaper:
         if op is sre.IN:
             return self.cls(_char_class(value, folded))
         if op is sre.BRANCH:
-            return "(" + " | ".join(self.sequence(branch, flags) or '""' for branch in value[1]) + ")"
+            return _either(self.sequence(branch, flags) for branch in value[1])
         if op is sre.SUBPATTERN:
             _, add, remove, items = value
-            return "(" + (self.sequence(items, (flags | add) & ~remove) or '""') + ")"
+            return _group(self.sequence(items, (flags | add) & ~remove))
         if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
             low, high, items = value
             return _repeat(self.sequence(items, flags), low, None if high is sre.MAXREPEAT else high)
@@ -502,8 +510,16 @@ def _rule_name(name: str) -> str:
     return ("t_" if Grammar.is_terminal(name) else "r_") + name.lower()
 
 
+def _group(expression: str) -> str:
+    return f"({expression or _EMPTY})"
+
+
+def _either(options: Iterable[str]) -> str:
+    return "(" + " | ".join(option or _EMPTY for option in options) + ")"
+
+
 def _repeat(item: str, low: int, high: int | None) -> str:
-    item = f"({item or chr(34) * 2})"
+    item = _group(item)
     if (low, high) in _COUNTS:
         return item + _COUNTS[(low, high)]
     if high is None:
